@@ -1,0 +1,72 @@
+"""One job: compose -> run the chain for every part -> report.json, manifest.json, table."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import logs, report
+from .errors import PipelineError
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured pipeline; returns the run report (status pass, fail or fallback)."""
+    started = time.monotonic()
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    log = logs.setup(run_dir / "run.log")
+    root = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
+             root["precision"]["name"], root["format"]["name"], _relative(run_dir))
+    try:
+        ensure_checkpoint(root["model"], log)
+        import stages  # noqa: F401  registers the stages; light, no torch
+
+        from .runner import Runner
+
+        runs = Runner(cfg, run_dir, log).run()
+    except PipelineError as exc:
+        log.error("error: %s", exc)
+        result = {"recipe": root["recipe"], "model": root["model"]["name"],
+                  "precision": root["precision"]["name"], "format": root["format"]["name"],
+                  "status": "fail", "error": str(exc), "parts": [], "run_dir": str(run_dir)}
+        _write(run_dir / "report.json", result)
+        return result
+    result = report.run_report(root, runs, run_dir, time.monotonic() - started)
+    _write(run_dir / "report.json", result)
+    _write(run_dir / "manifest.json", report.manifest(root, runs, run_dir, list(hydra.overrides.task)))
+    logs.console().write("\n" + report.summary_table(result) + "\n")
+    log.info("report: %s", _relative(run_dir / "report.json"))
+    return result
+
+
+def ensure_checkpoint(model: dict[str, Any], log) -> None:
+    """Make a shipped model's checkpoint when it is missing (once, even with parallel jobs)."""
+    path = Path(model["checkpoint"])
+    if path.exists() or not model.get("make_checkpoint"):
+        return
+    from hydra.utils import get_method
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return
+        log.info("making the checkpoint %s with %s", path, model["make_checkpoint"])
+        with logs.libraries_to_log():
+            get_method(model["make_checkpoint"])(path)
+
+
+def _write(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=1, default=str))
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,62 @@
+"""The stage registry: stages are named here, never by dotted path in YAML."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from .versions import module_source_hash
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a finished stage hands to the stages after it."""
+
+    key: str
+    dir: Path  # the stage's files (a cache entry's, or the run's own when the cache is off)
+    result: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: DictConfig  # only the config paths the stage declared; exactly what its key hashes
+    inputs: dict[str, StageOutput]  # the declared upstream stages, by name
+    workdir: Path  # the only place the stage writes
+    log: logging.Logger
+
+    def input(self, stage: str) -> StageOutput:
+        return self.inputs[stage]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[[StageContext], dict[str, Any]]
+    needs: tuple[str, ...]  # upstream stages whose outputs this one reads
+    config: tuple[str, ...]  # dotted config paths this stage reads (and is keyed on)
+    code: tuple[str, ...]  # modules besides its own whose source versions it
+    reads: Callable[[DictConfig], list[str]] | None = None  # outside files hashed into the key
+    artifacts: tuple[str, ...] = field(default=())  # globs of its files copied into the run's artifacts/
+
+    def code_version(self) -> str:
+        modules = (self.fn.__module__, *self.code)
+        return "-".join(module_source_hash(m)[:16] for m in modules)
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(name: str, *, needs: tuple[str, ...] = (), config: tuple[str, ...] = (),
+          code: tuple[str, ...] = (), reads: Callable[[DictConfig], list[str]] | None = None,
+          artifacts: tuple[str, ...] = ()):
+    """Register `fn(ctx) -> result dict` as a pipeline stage."""
+
+    def register(fn: Callable[[StageContext], dict[str, Any]]):
+        STAGES[name] = Stage(name, fn, needs, config, code, reads, artifacts)
+        return fn
+
+    return register

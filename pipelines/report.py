@@ -1,0 +1,103 @@
+"""What a run leaves for people (a short table) and machines (report.json, manifest.json)."""
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from .runner import PartRun
+from .versions import git_commit, library_versions, sha256_file
+
+SIZE_UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for scale, unit in SIZE_UNITS:
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
+    verify = {k: v for k, v in run.result("verify").items() if k != "summary"}
+    size = {k: v for k, v in run.result("size_audit").items() if k != "summary"}
+    lower = run.result("lower")
+    artifact = run_dir / "artifacts" / run.part / lower["artifact"] if lower else None
+    return {
+        "part": run.part, "status": run.status, "error": run.error,
+        "fallback_reason": run.fallback_reason,
+        "artifact": str(artifact) if artifact and artifact.exists() else None,
+        "quantization": run.result("quantize").get("method"),
+        "verify": verify or None, "size": size or None,
+        "seconds": round(sum(r.seconds for r in run.records), 3),
+        "cache_hits": sum(r.hit for r in run.records), "stages_run": len(run.records),
+    }
+
+
+def run_report(root: dict[str, Any], runs: list[PartRun], run_dir: Path, seconds: float) -> dict[str, Any]:
+    parts = [part_report(run, run_dir) for run in runs]
+    statuses = {p["status"] for p in parts}
+    status = "fail" if "fail" in statuses else "fallback" if "fallback" in statuses else "pass"
+    return {"recipe": root["recipe"], "model": root["model"]["name"],
+            "precision": root["precision"]["name"], "format": root["format"]["name"],
+            "status": status, "seconds": round(seconds, 3), "run_dir": str(run_dir), "parts": parts}
+
+
+def manifest(root: dict[str, Any], runs: list[PartRun], run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Enough to reproduce the run and to prove that a re-run produced the same bytes."""
+    checkpoint = root["model"]["checkpoint"]
+    files = next((r.files for run in runs for r in run.records if r.stage == "load_checkpoint"), {})
+    return {
+        "python": platform.python_version(), "packages": library_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+        "command": sys.argv, "overrides": overrides,
+        "checkpoint": {"path": checkpoint, "sha256": files.get(checkpoint)},
+        "parts": {run.part: {
+            "stages": [{"stage": r.stage, "key": r.key, "cache": "hit" if r.hit else "miss",
+                        "seconds": round(r.seconds, 3)} for r in run.records],
+            "artifacts": {p.name: sha256_file(p) for p in
+                          sorted((run_dir / "artifacts" / run.part).glob("*")) if p.is_file()},
+        } for run in runs},
+    }
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line.format(*header), rule] + [line.format(*map(str, r)) for r in rows])
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    header = ["part", "status", "artifact", "size", "zlib", "max abs", "cosine", "accuracy",
+              "cache", "seconds"]
+    rows = []
+    for part in report["parts"]:
+        verify, size = part["verify"] or {}, part["size"] or {}
+        outputs = (verify.get("outputs") or {}).values()
+        acc = verify.get("accuracy")
+        rows.append([
+            part["part"], part["status"].upper(), _relative(part["artifact"]),
+            human_bytes(size.get("file_bytes")), human_bytes(size.get("compressed_bytes")),
+            f"{max(o['max_abs'] for o in outputs):.2e}" if outputs else "-",
+            f"{min(o['cosine'] for o in outputs):.6f}" if outputs else "-",
+            f"{acc['eager']:.2%} -> {acc['artifact']:.2%}" if acc else "-",
+            f"{part['cache_hits']}/{part['stages_run']} hits", f"{part['seconds']:.1f}",
+        ])
+    title = (f"{report['model']}  {report['precision']} -> {report['format']}  "
+             f"(recipe {report['recipe']}): {report['status'].upper()}")
+    notes = [f"  {p['part']}: {p['error'] or p['fallback_reason']}" for p in report["parts"]
+             if p["error"] or p["fallback_reason"]]
+    return "\n".join([title, table(rows, header), *notes])
+
+
+def _relative(path: str | None) -> str:
+    if not path:
+        return "-"
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path

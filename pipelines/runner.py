@@ -1,0 +1,202 @@
+"""Chains the registered stages for each part of a model, through the cache."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from . import logs
+from .cache import Cache, compute_key
+from .errors import PipelineError, first_line
+from .registry import STAGES, Stage, StageContext, StageOutput
+from .versions import library_versions, module_source_hash, sha256_file
+
+CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "quantize", "lower",
+         "verify", "size_audit")
+RETRYABLE_AT_FP32 = ("quantize", "lower", "verify")  # where an INT8 cell may fall back
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    key: str
+    hit: bool
+    seconds: float
+    result: dict[str, Any]
+    files: dict[str, str]  # sha256 of the outside files it read (the checkpoint)
+
+
+@dataclass
+class PartRun:
+    part: str
+    status: str = "pass"  # pass | fail | fallback
+    error: str | None = None
+    fallback_reason: str | None = None
+    records: list[StageRecord] = field(default_factory=list)
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
+
+    def result(self, stage: str) -> dict[str, Any]:
+        return self.outputs[stage].result if stage in self.outputs else {}
+
+
+def config_view(root: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    """The nested sub-dict of root holding exactly the dotted paths a stage declared."""
+    view: dict[str, Any] = {}
+    for path in paths:
+        *parents, leaf = path.split(".")
+        source, target = root, view
+        for name in parents:
+            source = source[name]
+            target = target.setdefault(name, {})
+        target[leaf] = source.get(leaf) if isinstance(source, dict) else None
+    return view
+
+
+def referenced_code(view: Any) -> str:
+    """Source versions of the user code a config names (`_target_`, `factory`): editing a
+    model's architecture invalidates the stages that build it."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name in ("_target_", "factory") and isinstance(value, str) and "." in value:
+                    found.append(value.rsplit(".", 1)[0])
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(view)
+    versions = []
+    for module in sorted(set(found)):
+        try:
+            versions.append(module_source_hash(module)[:16])
+        except (ImportError, ValueError):  # unknown module: the stage that builds it says so
+            versions.append(f"missing:{module}")
+    return "".join(f"-{v}" for v in versions)
+
+
+class Runner:
+    """Runs the chain for every part of the configured model and records what happened."""
+
+    def __init__(self, cfg, run_dir: Path, log: logging.Logger):
+        self.root = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.run_dir = run_dir
+        self.log = log
+        cache_cfg = self.root["cache"]
+        self.cache = Cache(Path(cache_cfg["dir"]).resolve()) if cache_cfg["enabled"] else None
+        self.refresh = set(cache_cfg["refresh"])
+        unknown = self.refresh - set(STAGES)
+        if unknown:
+            raise PipelineError(f"cache.refresh names unknown stages {sorted(unknown)}",
+                                fix=f"use stage names from {list(CHAIN)}")
+
+    def run(self) -> list[PartRun]:
+        return [self.run_part(part) for part in self.root["model"]["parts"]]
+
+    def run_part(self, part: dict[str, Any]) -> PartRun:
+        run = PartRun(part["name"])
+        root = {**self.root, "part": part}
+        index = 0
+        while index < len(CHAIN):
+            name = CHAIN[index]
+            try:
+                self._run_stage(STAGES[name], root, run)
+                verdict = run.result(name)
+                if verdict.get("passed") is False:  # verify and size_audit judge the artifact
+                    raise PipelineError(verdict["reason"], stage=name)
+            except PipelineError as exc:
+                exc.stage = exc.stage or name
+                if self._may_fall_back(root, run, name):
+                    self.log.info("  %s at %s failed (%s): falling back to fp32", name,
+                                  root["precision"]["name"], exc.message)
+                    run.status, run.fallback_reason = "fallback", str(exc)
+                    root["precision"] = {"name": "fp32",
+                                         "tolerance": root["quantize"]["fallback_tolerance"]}
+                    index = CHAIN.index("quantize")
+                    continue
+                if run.status != "fail":
+                    run.status, run.error = "fail", str(exc)
+                if name not in run.outputs or name == CHAIN[-1]:
+                    return run  # nothing to go on with; a judged artifact still gets its audit
+            index += 1
+        return run
+
+    def _may_fall_back(self, root: dict[str, Any], run: PartRun, failed: str) -> bool:
+        """An INT8 cell whose quantize, lower or verify failed may be rebuilt at FP32."""
+        return (failed in RETRYABLE_AT_FP32 and root["precision"]["name"].startswith("int8")
+                and root["quantize"]["on_failure"] == "fp32" and run.status != "fallback")
+
+    def _run_stage(self, stage: Stage, root: dict[str, Any], run: PartRun) -> None:
+        view = config_view(root, stage.config)
+        material = {
+            "stage": stage.name,
+            "code": stage.code_version() + referenced_code(view),
+            "config": view,
+            "inputs": {need: run.outputs[need].key for need in stage.needs},
+            "libraries": library_versions(),
+            "files": {path: sha256_file(Path(path)) for path in
+                      (stage.reads(view) if stage.reads else []) if Path(path).is_file()},
+        }
+        key = compute_key(material)
+        inputs = {need: run.outputs[need] for need in stage.needs}
+        started = time.monotonic()
+        output, hit = self._cached_call(stage, key, material, view, inputs, run.part)
+        seconds = time.monotonic() - started
+        run.outputs[stage.name] = output
+        run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
+                                       material["files"]))
+        self._copy_artifacts(stage, output, run.part)
+        self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
+                      output.result.get("summary", ""))
+
+    def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool]:
+        if self.cache is None:
+            workdir = self.run_dir / "work" / part / stage.name
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            return StageOutput(key, workdir, self._call(stage, view, inputs, workdir)), False
+        with self.cache.lock(key):
+            entry = None if stage.name in self.refresh else self.cache.lookup(key)
+            if entry is not None:
+                return StageOutput(key, entry.files, entry.result), True
+            tmp = self.cache.new_workdir()
+            started = time.monotonic()
+            try:
+                result = self._call(stage, view, inputs, tmp / "files")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            meta = {"stage": stage.name, "material": material, "result": result,
+                    "seconds": time.monotonic() - started}
+            entry = self.cache.commit(key, tmp, meta)
+            return StageOutput(key, entry.files, result), False
+
+    def _call(self, stage: Stage, view, inputs, workdir: Path) -> dict[str, Any]:
+        ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
+        try:
+            with logs.libraries_to_log():
+                return stage.fn(ctx)
+        except PipelineError:
+            raise
+        except Exception as exc:  # a library failure: full traceback to the log, one line here
+            logging.getLogger(__name__).error("stage %s failed:\n%s", stage.name,
+                                              traceback.format_exc())
+            raise PipelineError(f"{type(exc).__name__}: {first_line(exc)}", stage=stage.name,
+                                fix=f"see {self.run_dir / 'run.log'} for the full traceback") from exc
+
+    def _copy_artifacts(self, stage: Stage, output: StageOutput, part: str) -> None:
+        if not stage.artifacts:
+            return
+        target = self.run_dir / "artifacts" / part
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in stage.artifacts:
+            for path in output.dir.glob(pattern):
+                shutil.copy2(path, target / path.name)

@@ -1,0 +1,186 @@
+"""Config schema: every Hydra group is typed, so typos and bad values fail at compose time.
+
+Closed choices are enums (OmegaConf names the allowed values when one is wrong); free-form
+nodes (a model's `arch` with `_target_`, dataset callables) are plain dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+    int8_dynamic = "int8_dynamic"
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    pte = "pte"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    int64 = "int64"
+    int32 = "int32"
+    bool = "bool"
+
+
+class CalibrationSource(str, Enum):
+    synthetic = "synthetic"
+    files = "files"
+    dataset = "dataset"
+
+
+class CalibrateMethod(str, Enum):
+    MinMax = "MinMax"
+    Entropy = "Entropy"
+    Percentile = "Percentile"
+
+
+class OnFailure(str, Enum):
+    error = "error"
+    fp32 = "fp32"
+
+
+class StateMode(str, Enum):
+    auto = "auto"
+    io = "io"
+    internal = "internal"
+
+
+@dataclass
+class TensorSpec:
+    """One exported input: name, example shape, dtype, dynamic dims and value range."""
+
+    name: str = MISSING
+    shape: List[int] = MISSING
+    dtype: DType = DType.float32
+    dynamic: Dict[int, str] = field(default_factory=dict)  # dim index -> dim name, e.g. {0: batch}
+    kwarg: Optional[str] = None  # the module's keyword argument this input feeds
+    low: float = -1.0  # synthetic values are drawn in [low, high)
+    high: float = 1.0
+    max: int = 1024  # upper bound of its dynamic dims (ExecuTorch plans memory for it)
+
+
+@dataclass
+class PartConfig:
+    """One exported component of a model (an encoder, a step decoder)."""
+
+    name: str = MISSING
+    module: str = ""  # dotted path of the sub-module to export; "" = the whole model
+    method: str = "forward"  # the method to export
+    inputs: List[TensorSpec] = MISSING
+    outputs: List[str] = MISSING
+    eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
+    calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
+
+
+@dataclass
+class CleanConfig:
+    strip_prefixes: Optional[List[str]] = None  # None = automatic when keys do not match
+    select: Optional[str] = None
+    rename: Dict[str, str] = field(default_factory=dict)
+    drop: List[str] = field(default_factory=list)
+    prefer_ema: bool = False
+    strict: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    arch: Optional[Dict[str, Any]] = None  # {_target_: pkg.Class, **kwargs}
+    factory: Optional[str] = None  # dotted callable building the model from the checkpoint's config
+    checkpoint: str = MISSING
+    make_checkpoint: Optional[str] = None  # dotted callable(path) that writes a missing checkpoint
+    allow_pickle: bool = False
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    parts: List[PartConfig] = MISSING
+
+
+@dataclass
+class Tolerance:
+    max_abs: Optional[float] = 1e-4
+    mean_abs: Optional[float] = None
+    min_cosine: Optional[float] = 0.999
+    max_accuracy_drop: Optional[float] = None  # percentage points, for models with labels
+    min_top1_agreement: Optional[float] = None  # fraction of held-out samples
+
+
+@dataclass
+class PrecisionConfig:
+    name: Precision = MISSING
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+
+@dataclass
+class FormatConfig:
+    name: Format = MISSING
+    opset: int = 18  # onnx
+    dynamic_dims: bool = True  # onnx: the specs' dynamic dims (batch...) stay dynamic axes
+    optimize: bool = True  # onnx: ORT offline graph optimisation of the shipped file
+    external_data_threshold_mb: int = 1900  # onnx: above this the weights go to a side .data file
+    xnnpack: bool = True  # pte: delegate to XNNPACK
+
+
+@dataclass
+class QuantizeConfig:
+    on_failure: OnFailure = OnFailure.error
+    calibrate_method: CalibrateMethod = CalibrateMethod.MinMax
+    per_channel: bool = True
+    fallback_tolerance: Tolerance = field(default_factory=Tolerance)  # for a cell that fell back
+
+
+@dataclass
+class CalibrationConfig:
+    source: CalibrationSource = CalibrationSource.dataset
+    samples: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    files: List[str] = field(default_factory=list)  # .npz / .npy for source=files
+
+
+@dataclass
+class VerifyConfig:
+    samples: int = 64  # held-out inputs when the model has no eval_data
+    batch_size: int = 16
+    seed: int = 1234  # differs from calibration's seed: verification never sees calibration inputs
+
+
+@dataclass
+class WrapConfig:
+    state: StateMode = StateMode.auto
+    strict_export: bool = False  # torch.export strict mode
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = "outputs/cache"  # relative to the launch directory; shared by every sweep job
+    refresh: List[str] = field(default_factory=list)  # stage names to recompute
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    format: FormatConfig = MISSING
+    calibration: CalibrationConfig = MISSING
+    verify: VerifyConfig = MISSING
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    wrap: WrapConfig = field(default_factory=WrapConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    recipe: Optional[str] = None  # set by recipe files, for reports and run-dir names
+
+
+def register() -> None:
+    """Register the schema so conf/config.yaml can name it in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RootConfig)

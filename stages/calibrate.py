@@ -1,0 +1,70 @@
+"""calibrate: representative inputs for quantization, one .npz shared by every format and precision."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import PipelineError
+from pipelines.registry import StageContext, stage
+
+from .tensors import as_examples, synthetic_examples
+
+
+def _files(view) -> list[str]:
+    calibration = view["calibration"]
+    return list(calibration["files"]) if calibration["source"] == "files" else []
+
+
+@stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data"),
+       code=("stages.tensors",), reads=_files)
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg.calibration
+    specs = list(ctx.cfg.part.inputs)
+    if cfg.source == "synthetic":
+        examples = synthetic_examples(specs, cfg.samples, cfg.seed)
+        origin = f"synthetic (seed {cfg.seed})"
+    elif cfg.source == "files":
+        examples = _from_files([Path(f) for f in cfg.files], specs)
+        origin = ", ".join(Path(f).name for f in cfg.files)
+    else:
+        examples, origin = _from_dataset(ctx.cfg.part.calibration_data, specs, cfg)
+    count = len(next(iter(examples.values())))
+    if count < cfg.samples:
+        ctx.log.debug("calibration: %d examples available, %d asked", count, cfg.samples)
+    examples = {name: array[:cfg.samples] for name, array in examples.items()}
+    np.savez(ctx.workdir / "calibration.npz", **examples)
+    used = len(next(iter(examples.values())))
+    return {"source": cfg.source, "origin": origin, "samples": used,
+            "summary": f"{used} examples from {origin}"}
+
+
+def _from_files(paths: list[Path], specs) -> dict[str, np.ndarray]:
+    if not paths:
+        raise PipelineError("calibration.source=files but calibration.files is empty",
+                            fix="list .npz/.npy files in calibration.files")
+    parts: dict[str, list[np.ndarray]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise PipelineError(f"calibration file {path} does not exist",
+                                fix="fix the path in calibration.files")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise PipelineError(f"calibration file {path} is not a readable .npz/.npy ({exc})",
+                                fix="save it with numpy.savez / numpy.save") from exc
+        arrays = dict(loaded) if path.suffix == ".npz" else {specs[0]["name"]: loaded}
+        for name, array in as_examples(arrays, specs, str(path)).items():
+            parts.setdefault(name, []).append(array)
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def _from_dataset(dataset, specs, cfg) -> tuple[dict[str, np.ndarray], str]:
+    if not dataset:
+        raise PipelineError("calibration.source=dataset but this part names no calibration_data",
+                            fix="use calibration=synthetic or calibration=files, or add "
+                                "calibration_data: {_target_: ...} to the part")
+    from hydra.utils import instantiate
+
+    arrays = instantiate(dataset, samples=cfg.samples, seed=cfg.seed)
+    return as_examples(arrays, specs, dataset["_target_"]), dataset["_target_"]

@@ -1,0 +1,62 @@
+"""Format backends: everything one deployment format knows, behind the same small interface.
+
+Each backend module defines:
+    SUFFIX                                   the deployable file's extension
+    quantize(job) -> dict                    precision applied in the IR this runtime quantizes in
+    lower(job) -> dict                       the deployable file (+ program stats) in job.workdir
+    load(artifact: Path) -> Callable         runs the artifact in its real runtime:
+                                             fn({input name: array}) -> [output arrays]
+    inspect(artifact: Path) -> dict          weights by dtype, quantized-op counts, delegation
+
+Adding a format is one new module here and one file in conf/format/.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Job:
+    """What quantize and lower get from their stage: inputs, config and where to write."""
+
+    source: Path  # the upstream stage's files
+    io: dict[str, Any]  # input specs and output names (wrap's io.json)
+    precision: str
+    fmt: Any  # the format config node
+    quantize: Any  # the quantize config node (None for lower)
+    calibration: Path | None  # calibration.npz (quantize only)
+    workdir: Path
+
+
+def backend(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Pass a file through to the next stage without duplicating its bytes where possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def calibration_batches(job: Job) -> list[dict[str, np.ndarray]]:
+    from ..tensors import batches
+
+    with np.load(job.calibration) as data:
+        examples = {name: data[name] for name in data.files}
+    return list(batches(examples, job.io["inputs"], 16))
+
+
+def weight_summary(dtypes_bytes: dict[str, int]) -> dict[str, Any]:
+    total = sum(dtypes_bytes.values()) or 1
+    return {"weight_bytes_by_dtype": dict(sorted(dtypes_bytes.items())),
+            "weight_share_by_dtype": {k: round(v / total, 4) for k, v in sorted(dtypes_bytes.items())}}

@@ -1,0 +1,170 @@
+"""ONNX (.onnx): the dynamo exporter, precision applied on the ONNX graph with ONNX Runtime's
+own tools (float16 conversion, static QDQ / dynamic quantization), run in onnxruntime."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines.errors import PipelineError, first_line
+
+from . import Job, calibration_batches, link_or_copy, weight_summary
+
+SUFFIX = ".onnx"
+GRAPH = "graph.onnx"
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "ConvInteger", "QLinearConv", "QLinearMatMul")
+TWO_GB = 2 * 1024**3
+
+
+def quantize(job: Job) -> dict[str, Any]:
+    """Export the program to an FP32 ONNX graph, then apply the precision to that graph."""
+    fp32 = job.workdir / GRAPH if job.precision == "fp32" else job.workdir.parent / "fp32.onnx"
+    _export(job, fp32)
+    if job.precision == "fp32":
+        return {"method": "none"}
+    target = job.workdir / GRAPH
+    if job.precision == "fp16":
+        method = _to_float16(fp32, target)
+    elif job.precision == "int8":
+        method = _quantize_static(fp32, target, job)
+    else:
+        method = _quantize_dynamic(fp32, target, job)
+    fp32.unlink()
+    for side in fp32.parent.glob(fp32.name + ".data"):
+        side.unlink()
+    return {"method": method}
+
+
+def _export(job: Job, path: Path) -> None:
+    import torch
+
+    from ..model_builder import example_inputs
+
+    program = torch.export.load(job.source / "program.pt2")
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    specs = job.io["inputs"]
+    # the program carries the specs' dynamic dims; re-tracing its module without them freezes them
+    model = program if job.fmt.dynamic_dims else program.module()
+    try:
+        onnx_program = torch.onnx.export(
+            model, example_inputs(specs, exact=not job.fmt.dynamic_dims), dynamo=True,
+            opset_version=job.fmt.opset, input_names=[s["name"] for s in specs],
+            output_names=job.io["outputs"], verbose=False)
+    except Exception as exc:
+        raise PipelineError(f"torch.onnx (dynamo) export failed: {first_line(exc)}",
+                            fix="see run.log for the operator and module it names") from exc
+    onnx_program.save(str(path), external_data=weight_bytes > job.fmt.external_data_threshold_mb * 2**20)
+
+
+def _to_float16(source: Path, target: Path) -> str:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    _save(model, target)
+    return "float16 graph, float32 I/O (onnxruntime.transformers.float16)"
+
+
+def _quantize_static(source: Path, target: Path, job: Job) -> str:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = source.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    method = job.quantize.calibrate_method
+    quantize_static(str(prepared), str(target), Reader(calibration_batches(job)),
+                    quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    prepared.unlink()
+    return f"ORT static QDQ int8, {method} calibration" + (
+        ", per-channel weights" if job.quantize.per_channel else "")
+
+
+def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), per_channel=job.quantize.per_channel,
+                     weight_type=QuantType.QInt8)
+    return "ORT dynamic int8 weights"
+
+
+def lower(job: Job) -> dict[str, Any]:
+    """The deployable file: ORT basic offline optimisation, metadata, checked with onnx.checker."""
+    import onnx
+
+    source = job.source / GRAPH
+    optimised = job.workdir / "optimised.onnx"
+    if job.fmt.optimize:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(optimised)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    else:
+        link_or_copy(source, optimised)
+    model = onnx.load(str(optimised))
+    optimised.unlink()
+    for key, value in (("precision", job.precision), ("io", json.dumps(job.io))):
+        model.metadata_props.add(key=key, value=value)
+    artifact = job.workdir / f"model{SUFFIX}"
+    _save(model, artifact)
+    try:
+        onnx.checker.check_model(str(artifact), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise PipelineError(f"onnx.checker rejected the model: {first_line(exc)}",
+                            fix="see run.log; report the exporter's output as a bug") from exc
+    return {"artifact": artifact.name, "external_data": artifact.with_name(artifact.name + ".data").exists()}
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    external = model.ByteSize() > TWO_GB - 2**26
+    onnx.save_model(model, str(path), save_as_external_data=external,
+                    location=path.name + ".data" if external else None)
+
+
+def load(artifact: Path, io: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, {name: batch[name] for name in names})
+
+    return run
+
+
+def inspect(artifact: Path) -> dict[str, Any]:
+    """Weights by dtype (initializers and constants) and the quantization ops in the graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifact))
+    by_dtype: Counter[str] = Counter()
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for tensor in tensors:
+        array = numpy_helper.to_array(tensor, base_dir=str(artifact.parent))
+        by_dtype[str(array.dtype)] += array.nbytes
+    ops = Counter(n.op_type for n in model.graph.node)
+    return {**weight_summary(dict(by_dtype)), "graph_nodes": sum(ops.values()),
+            "quantized_ops": {op: ops[op] for op in QUANTIZED_OPS if ops[op]},
+            "quantize_ops": ops["QuantizeLinear"] + ops["DynamicQuantizeLinear"],
+            "dequantize_ops": ops["DequantizeLinear"]}

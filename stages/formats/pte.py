@@ -1,0 +1,167 @@
+"""ExecuTorch (.pte): PT2E + XNNPACKQuantizer on the ExportedProgram, XNNPACK lowering,
+and the executorch.runtime to run it."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.errors import PipelineError, first_line
+
+from ..model_builder import dynamic_shapes, example_inputs
+from . import Job, calibration_batches, link_or_copy, weight_summary
+
+SUFFIX = ".pte"
+PROGRAM = "program.pt2"
+
+
+def quantize(job: Job) -> dict[str, Any]:
+    source = job.source / PROGRAM
+    if job.precision == "fp32":
+        link_or_copy(source, job.workdir / PROGRAM)
+        return {"method": "none"}
+    program = torch.export.load(source)
+    if job.precision == "fp16":
+        module, method = _HalfPrecision(program.module()), "half-precision weights, fp32 I/O"
+    else:
+        module, method = _pt2e(program, job), "PT2E XNNPACKQuantizer " + (
+            "dynamic" if job.precision == "int8_dynamic" else "static") + (
+            " per-channel" if job.quantize.per_channel else " per-tensor")
+    _reexport(module, job, job.workdir / PROGRAM)
+    return {"method": method}
+
+
+def _pt2e(program: torch.export.ExportedProgram, job: Job) -> torch.nn.Module:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    dynamic = job.precision == "int8_dynamic"
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=job.quantize.per_channel, is_dynamic=dynamic))
+    prepared = prepare_pt2e(program.module(), quantizer)
+    with torch.no_grad():
+        for batch in calibration_batches(job)[: 1 if dynamic else None]:
+            prepared(*(torch.from_numpy(batch[s["name"]]) for s in job.io["inputs"]))
+    return convert_pt2e(prepared)
+
+
+class _HalfPrecision(torch.nn.Module):
+    """Half-precision weights and compute; float32 inputs and outputs, as an app feeds them."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module.half()
+        for name, value in list(vars(self.inner).items()):  # lifted tensor constants
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                setattr(self.inner, name, value.half())
+
+    def forward(self, *inputs):
+        cast = [x.half() if x.dtype == torch.float32 else x for x in inputs]
+        return tuple(y.float() if y.dtype == torch.float16 else y for y in self.inner(*cast))
+
+
+def _reexport(module: torch.nn.Module, job: Job, path: Path) -> None:
+    specs = job.io["inputs"]
+    with torch.no_grad():
+        program = torch.export.export(module, example_inputs(specs),
+                                      dynamic_shapes=dynamic_shapes(specs), strict=False)
+    torch.export.save(program, path)
+
+
+def lower(job: Job) -> dict[str, Any]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.load(job.source / PROGRAM)
+    stats = _program_stats(program)
+    partitioners = [XnnpackPartitioner()] if job.fmt.xnnpack else []
+    try:
+        edge = to_edge_transform_and_lower(program, partitioner=partitioners)
+        delegation = get_delegation_info(edge.exported_program().graph_module)
+        executorch_program = edge.to_executorch()
+    except Exception as exc:
+        raise PipelineError(f"ExecuTorch lowering failed: {first_line(exc)}",
+                            fix="see run.log; an operator without an ExecuTorch kernel must be "
+                                "replaced in the model or kept out of the exported part") from exc
+    delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
+    stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
+    stats["delegated_share"] = round(delegated / max(delegated + other, 1), 4)
+    stats["non_delegated_ops"] = sorted({_op_name(n.target) for n in edge.exported_program().graph.nodes
+                                         if n.op == "call_function" and _op_name(n.target)
+                                         not in ("executorch_call_delegate", "getitem")})
+    artifact = job.workdir / f"model{SUFFIX}"
+    artifact.write_bytes(executorch_program.buffer)
+    stats["planned_input_shapes"] = _planned_shapes(artifact)
+    stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"])
+    (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
+    return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
+            "warnings": stats["warnings"]}
+
+
+def _planned_shapes(artifact: Path) -> list[list[int]]:
+    """The largest input shapes ExecuTorch planned memory for (the bound of dynamic dims)."""
+    from executorch.runtime import Runtime
+
+    meta = Runtime.get().load_program(artifact).load_method("forward").metadata
+    return [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+
+
+def _narrowed_dims(specs: list[dict[str, Any]], planned: list[list[int]]) -> list[str]:
+    """Dynamic dims that lowering bounded below the spec's max (a guard narrowed the range)."""
+    return [f"input '{spec['name']}' dim {dim} ({name}) is planned up to {shape[int(dim)]}, "
+            f"not {spec['max']}: feed at most {shape[int(dim)]} per call"
+            for spec, shape in zip(specs, planned) for dim, name in spec["dynamic"].items()
+            if shape[int(dim)] < int(spec["max"])]
+
+
+def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
+    """Weights by dtype and quantize/dequantize op counts of the program being serialized."""
+    by_dtype: Counter[str] = Counter()
+    tensors = {**program.state_dict, **program.constants}
+    for tensor in tensors.values():
+        if isinstance(tensor, torch.Tensor):
+            by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    quantize_ops = sum(c for t, c in targets.items() if "quantize_per" in t and "dequantize" not in t)
+    dequantize_ops = sum(c for t, c in targets.items() if "dequantize_per" in t)
+    return {**weight_summary(dict(by_dtype)), "quantize_ops": quantize_ops,
+            "dequantize_ops": dequantize_ops, "graph_nodes": sum(targets.values())}
+
+
+def _op_name(target: Any) -> str:
+    """'aten.convolution.default' -> 'convolution'; plain callables by their name."""
+    parts = str(target).split(".")
+    return parts[-2] if len(parts) >= 2 else getattr(target, "__name__", str(target))
+
+
+def load(artifact: Path, io: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(artifact)).load_method("forward")
+    names = [spec["name"] for spec in io["inputs"]]
+    meta = method.metadata
+    bound = min(meta.input_tensor_meta(i).sizes()[0] for i in range(meta.num_inputs()))
+    batched = all("0" in map(str, spec["dynamic"]) for spec in io["inputs"])
+
+    def execute(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = method.execute([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
+        return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(batch[names[0]])
+        if not batched or rows <= bound:
+            return execute(batch)
+        pieces = [execute({n: a[i:i + bound] for n, a in batch.items()}) for i in range(0, rows, bound)]
+        return [np.concatenate(outs) for outs in zip(*pieces)]
+
+    return run
+
+
+def inspect(artifact: Path) -> dict[str, Any]:
+    return json.loads((artifact.parent / "program_stats.json").read_text())

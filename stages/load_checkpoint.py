@@ -1,0 +1,34 @@
+"""load_checkpoint: read the checkpoint file safely, whatever its layout, into plain weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.registry import StageContext, stage
+
+
+@stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle"),
+       code=("stages.checkpoint_formats",), reads=lambda view: [view["model"]["checkpoint"]])
+def run(ctx: StageContext) -> dict:
+    import torch
+
+    from .checkpoint_formats import load_checkpoint_file
+
+    path = Path(ctx.cfg.model.checkpoint)
+    loaded = load_checkpoint_file(path, allow_pickle=ctx.cfg.model.allow_pickle)
+    torch.save(loaded.state_dict, ctx.workdir / "state_dict.pt")
+    if loaded.ema_state_dict is not None:
+        torch.save(loaded.ema_state_dict, ctx.workdir / "ema_state_dict.pt")
+    if loaded.program is not None:
+        torch.export.save(loaded.program, ctx.workdir / "program.pt2")
+    for note in loaded.notes:
+        ctx.log.debug("load_checkpoint: %s", note)
+    return {
+        "kind": loaded.kind,
+        "tensors": len(loaded.state_dict),
+        "config": json.loads(json.dumps(loaded.config, default=str)) if loaded.config else None,
+        "has_ema": loaded.ema_state_dict is not None,
+        "has_program": loaded.program is not None,
+        "notes": loaded.notes,
+        "summary": f"{loaded.kind}, {len(loaded.state_dict)} tensors",
+    }

@@ -1,0 +1,134 @@
+"""Build the user's architecture and the export-ready module of one part.
+
+Shared by wrap (which exports it) and verify (which runs it eagerly as the reference).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pipelines.errors import PipelineError
+
+from .tensors import export_shapes
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
+                "int32": torch.int32, "bool": torch.bool}
+
+
+def import_callable(dotted: str, key: str):
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise PipelineError(f"{key}: cannot import '{dotted}' ({exc})",
+                            fix="name an importable callable as package.module.name") from exc
+
+
+def build_model(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, Any] | None) -> nn.Module:
+    """The architecture from `model.arch` (_target_ + kwargs) or `model.factory(checkpoint config)`."""
+    arch, factory = model_cfg.get("arch"), model_cfg.get("factory")
+    if arch:
+        from hydra.utils import instantiate
+
+        try:
+            model = instantiate(arch)
+        except Exception as exc:  # hydra wraps the constructor's own error
+            raise PipelineError(f"model.arch: cannot build {arch.get('_target_')}: {exc}",
+                                fix="check model.arch._target_ and its arguments") from exc
+    elif factory:
+        if not checkpoint_config:
+            raise PipelineError(f"model.factory={factory} needs the config stored in the "
+                                "checkpoint, and the checkpoint has none",
+                                fix="set model.arch with _target_ and arguments instead")
+        model = import_callable(factory, "model.factory")(dict(checkpoint_config))
+    else:
+        raise PipelineError("the model config names no architecture",
+                            fix="set model.arch._target_ (with its arguments) or model.factory")
+    if not isinstance(model, nn.Module):
+        raise PipelineError(f"the architecture built a {type(model).__name__}, not a torch.nn.Module",
+                            fix="point model.arch._target_ at an nn.Module class or factory")
+    return model.eval()
+
+
+class PartModule(nn.Module):
+    """One part of a model as export sees it: positional named inputs mapped onto the module's
+    (keyword) arguments, the chosen method called, outputs flattened to a tuple."""
+
+    def __init__(self, model: nn.Module, part: Mapping[str, Any]):
+        super().__init__()
+        self.model = model
+        self.module_path = part.get("module") or ""
+        self.method = part.get("method") or "forward"
+        self.kwargs = [spec.get("kwarg") for spec in part["inputs"]]
+        target = self._target_module()
+        if not callable(getattr(target, self.method, None)):
+            raise PipelineError(f"part '{part['name']}': {type(target).__name__} has no method "
+                                f"'{self.method}'", fix="set the part's method to one it has")
+
+    def _target_module(self) -> nn.Module:
+        try:
+            return self.model.get_submodule(self.module_path) if self.module_path else self.model
+        except AttributeError as exc:
+            raise PipelineError(f"part module '{self.module_path}' is not in the model ({exc})",
+                                fix="set the part's module to a dotted sub-module path") from exc
+
+    def forward(self, *inputs: torch.Tensor):
+        args = [x for x, kw in zip(inputs, self.kwargs) if not kw]
+        kwargs = {kw: x for x, kw in zip(inputs, self.kwargs) if kw}
+        out = getattr(self._target_module(), self.method)(*args, **kwargs)
+        return tuple(_flatten(out))
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flatten(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in _flatten(item)]
+    raise PipelineError(f"the model returned a {type(out).__name__}, not tensors",
+                        fix="export a method that returns tensors (or tuples/dicts of them)")
+
+
+def load_part(model_cfg: Mapping[str, Any], part: Mapping[str, Any], state_dict_path: Path,
+              checkpoint_config: Mapping[str, Any] | None, strict: bool = True) -> PartModule:
+    """The eval-mode PartModule with the cleaned weights loaded."""
+    model = build_model(model_cfg, checkpoint_config)
+    state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=strict)
+    return PartModule(model, part).eval()
+
+
+def example_inputs(specs: list[Mapping[str, Any]], seed: int = 0,
+                   exact: bool = False) -> tuple[torch.Tensor, ...]:
+    """Seeded tensors of the export example shapes (of the specs' own shapes when exact)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    shapes = [tuple(s["shape"]) for s in specs] if exact else export_shapes(specs)
+    for spec, shape in zip(specs, shapes):
+        dtype = TORCH_DTYPES[spec["dtype"]]
+        if dtype.is_floating_point:
+            low, high = spec["low"], spec["high"]
+            tensors.append((torch.rand(shape, generator=generator) * (high - low) + low).to(dtype))
+        else:
+            tensors.append(torch.randint(int(spec["low"]), int(spec["high"]) + 1, shape,
+                                         generator=generator).to(dtype))
+    return tuple(tensors)
+
+
+def dynamic_shapes(specs: list[Mapping[str, Any]]) -> tuple[dict[int, Any], ...] | None:
+    """torch.export dims from the specs; inputs naming the same dim share one Dim."""
+    dims: dict[str, torch.export.Dim] = {}
+    shapes = []
+    for spec in specs:
+        entry = {}
+        for index, name in spec["dynamic"].items():
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=1, max=int(spec["max"]))
+            entry[int(index)] = dims[name]
+        shapes.append(entry)
+    return (tuple(shapes),) if dims else None  # one entry: PartModule.forward(*inputs)
