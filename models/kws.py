@@ -86,8 +86,9 @@ def _class_templates(num_classes: int, gen: torch.Generator) -> torch.Tensor:
 def _batch(templates: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random classes; template with a small random time shift, random gain, and Gaussian noise."""
     labels = torch.randint(0, templates.shape[0], (size,), generator=gen)
-    shifts = torch.randint(-6, 7, (size,), generator=gen)
-    x = torch.stack([torch.roll(templates[k], int(s), dims=-1) for k, s in zip(labels, shifts)])
+    shifts = torch.randint(-6, 7, (size, 1, 1), generator=gen)
+    time_index = torch.remainder(torch.arange(N_FRAMES) - shifts, N_FRAMES).expand(-1, N_MELS, -1)
+    x = templates[labels].gather(-1, time_index)
     gain = 0.7 + 0.6 * torch.rand(size, 1, 1, generator=gen)
     x = gain * x + 0.3 * torch.randn(x.shape, generator=gen)
     return x.unsqueeze(1), labels
@@ -103,7 +104,7 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
     templates = _class_templates(config["num_classes"], gen)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(150):
+    for _ in range(100):
         x, y = _batch(templates, 32, gen)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()

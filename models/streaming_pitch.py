@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+TOTAL_STRIDE = 80
+
 
 class CachedConv1d(nn.Module):
     """Causal Conv1d whose left context comes from a buffer ``cache (1, in_channels, (kernel_size - 1) * dilation)``.
@@ -50,19 +52,22 @@ class CachedConv1d(nn.Module):
 
 
 class StreamingPitch(nn.Module):
-    """Cached conv stack that reduces each hop to one frame, then pitch-bin and confidence heads."""
+    """Cached conv stack (conv -> BatchNorm -> ReLU) reducing each hop to one frame, then pitch and confidence heads.
 
-    def __init__(self, *, hop: int = 160, n_bins: int = 48, channels: int = 32, sample_rate: int = 16000,
+    Use it in ``eval()`` mode for streaming: BatchNorm then is a fixed per-channel affine map.
+    """
+
+    def __init__(self, *, hop: int = 160, n_bins: int = 24, channels: int = 32, sample_rate: int = 16000,
                  fmin: float = 80.0, fmax: float = 800.0) -> None:
         super().__init__()
-        if hop % 80:
-            raise ValueError(f"hop must be a multiple of 80 (the total stride), got {hop}")
+        if hop % TOTAL_STRIDE:
+            raise ValueError(f"hop must be a multiple of {TOTAL_STRIDE} (the total stride), got {hop}")
         self.hop = hop
         self.n_bins = n_bins
         self.sample_rate = sample_rate
         self.fmin = fmin
         self.fmax = fmax
-        spec = [  # (in, out, kernel, stride, dilation); strides multiply to 80
+        spec = [  # (in, out, kernel, stride, dilation); the strides multiply to TOTAL_STRIDE
             (1, channels, 64, 4, 1),
             (channels, channels, 5, 4, 1),
             (channels, channels, 3, 1, 2),
@@ -72,6 +77,7 @@ class StreamingPitch(nn.Module):
         self.convs = nn.ModuleList(
             CachedConv1d(in_channels=i, out_channels=o, kernel_size=k, stride=s, dilation=d) for i, o, k, s, d in spec
         )
+        self.norms = nn.ModuleList(nn.BatchNorm1d(o) for _, o, _, _, _ in spec)
         self.pitch_head = nn.Linear(channels, n_bins)
         self.confidence_head = nn.Linear(channels, 1)
 
@@ -82,17 +88,16 @@ class StreamingPitch(nn.Module):
     def forward(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One hop ``(1, 1, hop)`` -> ``(pitch_logits (1, n_bins), confidence (1, 1))``; updates the caches."""
         h = chunk
-        for conv in self.convs:
-            h = F.relu(conv(h))
+        for conv, norm in zip(self.convs, self.norms):
+            h = F.relu(norm(conv(h)))
         return self._heads(h.mean(dim=-1))
 
     def forward_sequence(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-streaming equivalent: ``(B, 1, n_hops * hop)`` -> ``(B, n_hops, n_bins)``, ``(B, n_hops, 1)``."""
         h = audio
-        for conv in self.convs:
-            h = F.relu(conv.forward_sequence(h))
-        frames_per_hop = self.hop // 80
-        h = h.unflatten(-1, (-1, frames_per_hop)).mean(dim=-1).transpose(1, 2)
+        for conv, norm in zip(self.convs, self.norms):
+            h = F.relu(norm(conv.forward_sequence(h)))
+        h = h.unflatten(-1, (-1, self.hop // TOTAL_STRIDE)).mean(dim=-1).transpose(1, 2)
         return self._heads(h)
 
     def reset_state(self) -> None:
@@ -112,28 +117,24 @@ def build(config: dict) -> nn.Module:
 
 def _batch(model: StreamingPitch, size: int, n_hops: int, gen: torch.Generator
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Piecewise sines (one random frequency per segment) with silent segments, plus noise.
+    """Piecewise sines (a random log-uniform frequency per segment of 4 to 8 hops, ~20 % silent) plus noise.
 
     Returns audio ``(size, 1, n_hops * hop)``, bin targets ``(size, n_hops)`` and voiced flags ``(size, n_hops)``.
-    Each hop's frequency is held for 4 to 12 hops; about a fifth of the segments are silent.
     """
     hop, sr = model.hop, model.sample_rate
     log_lo, log_hi = math.log(model.fmin), math.log(model.fmax)
-    freqs = torch.zeros(size, n_hops)
-    voiced = torch.zeros(size, n_hops)
-    for b in range(size):
-        t = 0
-        while t < n_hops:
-            dur = int(torch.randint(4, 13, (1,), generator=gen))
-            freqs[b, t:t + dur] = math.exp(log_lo + (log_hi - log_lo) * float(torch.rand(1, generator=gen)))
-            voiced[b, t:t + dur] = float(torch.rand(1, generator=gen) > 0.2)
-            t += dur
-    per_sample = freqs.repeat_interleave(hop, dim=1)
-    phase = torch.cumsum(2 * math.pi * per_sample / sr, dim=1) + 2 * math.pi * torch.rand(size, 1, generator=gen)
+    n_segments = n_hops // 4 + 1
+    durations = torch.randint(4, 9, (size, n_segments), generator=gen)
+    starts = torch.cumsum(durations, dim=1) - durations
+    segment = (torch.arange(n_hops)[None, :, None] >= starts[:, None, :]).sum(-1) - 1
+    seg_freq = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(size, n_segments, generator=gen))
+    seg_voiced = (torch.rand(size, n_segments, generator=gen) > 0.2).float()
+    freqs, voiced = seg_freq.gather(1, segment), seg_voiced.gather(1, segment)
+    phase = torch.cumsum(2 * math.pi * freqs.repeat_interleave(hop, dim=1) / sr, dim=1)
+    phase = phase + 2 * math.pi * torch.rand(size, 1, generator=gen)
     amp = (0.2 + 0.8 * torch.rand(size, 1, generator=gen)) * voiced.repeat_interleave(hop, dim=1)
     audio = amp * torch.sin(phase) + 0.02 * torch.randn(size, n_hops * hop, generator=gen)
-    position = (torch.log(freqs.clamp(min=model.fmin)) - log_lo) / (log_hi - log_lo)
-    bins = torch.round(position * (model.n_bins - 1)).long()
+    bins = torch.round((torch.log(freqs) - log_lo) / (log_hi - log_lo) * (model.n_bins - 1)).long()
     return audio.unsqueeze(1), bins, voiced
 
 
@@ -142,11 +143,13 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
-    config = {"hop": 160, "n_bins": 48, "channels": 32, "sample_rate": 16000, "fmin": 80.0, "fmax": 800.0}
+    config = {"hop": 160, "n_bins": 24, "channels": 32, "sample_rate": 16000, "fmin": 80.0, "fmax": 800.0}
     model = build(config)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = 300
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
-    for _ in range(150):
+    for _ in range(steps):
         audio, bins, voiced = _batch(model, 16, 24, gen)
         logits, confidence = model.forward_sequence(audio)
         pitch_loss = (F.cross_entropy(logits.transpose(1, 2), bins, reduction="none") * voiced).sum()
@@ -154,6 +157,7 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     model.reset_state()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

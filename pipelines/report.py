@@ -31,6 +31,7 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
         "fallback_reason": run.fallback_reason,
         "artifact": str(artifact) if artifact and artifact.exists() else None,
         "quantization": run.result("quantize").get("method"),
+        "warnings": lower.get("warnings", []) if lower else [],
         "verify": verify or None, "size": size or None,
         "seconds": round(sum(r.seconds for r in run.records), 3),
         "cache_hits": sum(r.hit for r in run.records), "stages_run": len(run.records),
@@ -80,7 +81,7 @@ def summary_table(report: dict[str, Any]) -> str:
         outputs = (verify.get("outputs") or {}).values()
         acc = verify.get("accuracy")
         rows.append([
-            part["part"], part["status"].upper(), _relative(part["artifact"]),
+            part["part"], part["status"].upper(), _relative(part["artifact"], report["run_dir"]),
             human_bytes(size.get("file_bytes")), human_bytes(size.get("compressed_bytes")),
             f"{max(o['max_abs'] for o in outputs):.2e}" if outputs else "-",
             f"{min(o['cosine'] for o in outputs):.6f}" if outputs else "-",
@@ -88,16 +89,18 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{part['cache_hits']}/{part['stages_run']} hits", f"{part['seconds']:.1f}",
         ])
     title = (f"{report['model']}  {report['precision']} -> {report['format']}  "
-             f"(recipe {report['recipe']}): {report['status'].upper()}")
+             f"(recipe {report['recipe']}): {report['status'].upper()}   "
+             f"{_relative(report['run_dir'], str(Path.cwd()))}")
     notes = [f"  {p['part']}: {p['error'] or p['fallback_reason']}" for p in report["parts"]
              if p["error"] or p["fallback_reason"]]
+    notes += [f"  {p['part']}: warning: {w}" for p in report["parts"] for w in p["warnings"]]
     return "\n".join([title, table(rows, header), *notes])
 
 
-def _relative(path: str | None) -> str:
+def _relative(path: str | None, base: str) -> str:
     if not path:
         return "-"
     try:
-        return str(Path(path).relative_to(Path.cwd()))
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
     except ValueError:
         return path

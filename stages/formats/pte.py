@@ -65,10 +65,21 @@ class _HalfPrecision(torch.nn.Module):
         return tuple(y.float() if y.dtype == torch.float16 else y for y in self.inner(*cast))
 
 
+class _Positional(torch.nn.Module):
+    """forward(*inputs), like the wrapped part: one dynamic-shapes layout for every re-export."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, *inputs):
+        return self.inner(*inputs)
+
+
 def _reexport(module: torch.nn.Module, job: Job, path: Path) -> None:
     specs = job.io["inputs"]
     with torch.no_grad():
-        program = torch.export.export(module, example_inputs(specs),
+        program = torch.export.export(_Positional(module), example_inputs(specs),
                                       dynamic_shapes=dynamic_shapes(specs), strict=False)
     torch.export.save(program, path)
 
@@ -122,9 +133,13 @@ def _narrowed_dims(specs: list[dict[str, Any]], planned: list[list[int]]) -> lis
 
 def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     """Weights by dtype and quantize/dequantize op counts of the program being serialized."""
-    by_dtype: Counter[str] = Counter()
+    signature = program.graph_signature
+    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+             **signature.inputs_to_lifted_tensor_constants}
     tensors = {**program.state_dict, **program.constants}
-    for tensor in tensors.values():
+    by_dtype: Counter[str] = Counter()
+    for node in program.graph.nodes:  # only what the graph uses: unused originals are not shipped
+        tensor = tensors.get(names.get(node.name, "")) if node.op == "placeholder" and node.users else None
         if isinstance(tensor, torch.Tensor):
             by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
