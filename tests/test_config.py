@@ -1,0 +1,65 @@
+"""Every YAML under conf/ composes; bad groups, values and keys fail at compose time, named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from tests.conftest import ROOT, compose_config
+
+CONF = ROOT / "conf"
+ALL_YAML = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml"))
+
+
+def test_the_conf_tree_is_found():
+    groups = {p.parts[0] for p in ALL_YAML if len(p.parts) > 1}
+    assert {"model", "precision", "format", "calibration", "verify", "recipe"} <= groups
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=str)
+def test_every_yaml_composes(path: Path):
+    override = [] if len(path.parts) == 1 else ["/".join(path.parts[:-1]).replace("/", ".") + "=" + path.stem]
+    cfg = compose_config(*override)
+    assert cfg.model.parts and cfg.precision.name and cfg.format.name
+
+
+@pytest.mark.parametrize("recipe,fmt,precision", [
+    ("android_dev", "pte", "fp32"), ("android_prod", "pte", "int8"), ("web_dev", "onnx", "fp32"),
+    ("web_prod", "onnx", "int8"), ("server_fp16", "onnx", "fp16")])
+def test_recipes_choose_format_and_precision(recipe, fmt, precision):
+    cfg = compose_config(f"recipe={recipe}")
+    assert (cfg.format.name.value, cfg.precision.name.value, cfg.recipe) == (fmt, precision, recipe)
+
+
+def test_recipe_files_start_with_package_line_and_launch_command():
+    for path in (CONF / "recipe").glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        assert lines[0] == "# @package _global_", path
+        assert lines[1].startswith("# python run.py") and f"recipe={path.stem}" in lines[1], path
+
+
+def test_unknown_group_value_names_the_options():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("precision=int3")
+    text = str(err.value)
+    assert "precision/int3" in text and "fp32" in text and "int8" in text
+
+
+def test_bad_enum_value_names_allowed_values():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("precision.name=int3")
+    text = str(err.value) + str(err.value.__cause__)
+    assert "int3" in text and "fp16" in text and "int8_dynamic" in text
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("format.opsett=17")
+    assert "Key 'opsett' not in 'FormatConfig'" in str(err.value.__cause__)
+
+
+def test_command_line_groups_win_over_the_recipe():
+    cfg = compose_config("model.checkpoint=/tmp/x.pt", "precision=fp16", "format=pte", "recipe=web_dev")
+    assert cfg.model.checkpoint == "/tmp/x.pt"
+    assert (cfg.precision.name.value, cfg.format.name.value) == ("fp16", "pte")
