@@ -72,8 +72,6 @@ def _to_float16(source: Path, target: Path) -> str:
 def _quantize_static(source: Path, target: Path, job: Job) -> str:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     class Reader(CalibrationDataReader):
         def __init__(self, batches):
             self.batches = iter(batches)
@@ -81,8 +79,7 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         def get_next(self):
             return next(self.batches, None)
 
-    prepared = source.with_name("prepared.onnx")
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    prepared = _pre_processed(source)
     method = job.quantize.calibrate_method
     quantize_static(str(prepared), str(target), Reader(calibration_batches(job)),
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
@@ -97,9 +94,25 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
 def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), per_channel=job.quantize.per_channel,
+    prepared = _pre_processed(source)
+    quantize_dynamic(str(prepared), str(target), per_channel=job.quantize.per_channel,
                      weight_type=QuantType.QInt8)
+    prepared.unlink()
     return "ORT dynamic int8 weights"
+
+
+def _pre_processed(source: Path) -> Path:
+    """ORT's recommended preparation: shape inference and graph clean-up before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import onnx
+
+    prepared = source.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    model = onnx.load(str(prepared))
+    del model.graph.value_info[:]  # stale shapes left by the exporter trip ORT's re-inference
+    _save(model, prepared)
+    return prepared
 
 
 def lower(job: Job) -> dict[str, Any]:
