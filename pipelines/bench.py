@@ -1,0 +1,87 @@
+"""`make bench`: what the cache and the sweep buy, and what each precision saves, measured in one run.
+
+    python -m pipelines.bench [hydra overrides, e.g. model=kws_resnet]
+
+1. the cold six-cell sweep (empty cache), 2. the same sweep again (warm cache),
+3. the six cells as single runs, each with an empty cache, 4. artifact sizes per precision.
+Writes bench.json beside the runs in outputs/bench/<time>/ and prints the ratios with their goals.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .report import table
+
+CELLS = [(p, f) for p in ("fp32", "fp16", "int8") for f in ("onnx", "pte")]
+GOALS = {  # figure -> (goal, True if the figure must stay at or below it)
+    "warm_sweep / cold_sweep": 0.20,
+    "cold_sweep / sum_of_single_runs": 0.60,
+    "int8 / fp32 size (onnx)": 0.30, "int8 / fp32 size (pte)": 0.30,
+    "fp16 / fp32 size (onnx)": 0.55, "fp16 / fp32 size (pte)": 0.55,
+}
+
+
+def timed(args: list[str], log: Path) -> float:
+    """Seconds one `python run.py ...` takes; its output goes to log. Fails loudly if it fails."""
+    started = time.monotonic()
+    with open(log, "w") as handle:
+        code = subprocess.run([sys.executable, "run.py", *args], stdout=handle, stderr=subprocess.STDOUT).returncode
+    seconds = time.monotonic() - started
+    if code != 0:
+        raise SystemExit(f"bench: `python run.py {' '.join(args)}` failed (exit {code}); see {log}")
+    return seconds
+
+
+def main(overrides: list[str]) -> dict:
+    root = Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    root.mkdir(parents=True)
+    print(f"bench: {root}  (overrides: {' '.join(overrides) or 'none'})")
+    timed(["recipe=web_dev", *overrides, f"cache.dir={root}/warmup-cache", f"hydra.run.dir={root}/warmup"],
+          root / "warmup.log")  # makes a missing checkpoint outside the timed runs
+    sweep = ["-m", "recipe=matrix", *overrides, f"cache.dir={root}/sweep-cache"]
+    seconds = {"cold_sweep": timed([*sweep, f"hydra.sweep.dir={root}/cold"], root / "cold.log")}
+    print(f"  cold sweep   {seconds['cold_sweep']:7.1f} s")
+    seconds["warm_sweep"] = timed([*sweep, f"hydra.sweep.dir={root}/warm"], root / "warm.log")
+    print(f"  warm sweep   {seconds['warm_sweep']:7.1f} s")
+    singles = {}
+    for precision, fmt in CELLS:
+        name = f"{precision}_{fmt}"
+        singles[name] = timed([f"precision={precision}", f"format={fmt}", *overrides,
+                               f"cache.dir={root}/single-cache-{name}", f"hydra.run.dir={root}/single-{name}"],
+                              root / f"single-{name}.log")
+        print(f"  single {name:<10} {singles[name]:5.1f} s (empty cache)")
+    seconds["sum_of_single_runs"] = sum(singles.values())
+
+    rows = json.loads((root / "cold" / "matrix.json").read_text())
+    sizes = {(r["part"], r["precision"], r["format"]): r["file_bytes"] for r in rows}
+    figures = {"warm_sweep / cold_sweep": seconds["warm_sweep"] / seconds["cold_sweep"],
+               "cold_sweep / sum_of_single_runs": seconds["cold_sweep"] / seconds["sum_of_single_runs"]}
+    for part in sorted({r["part"] for r in rows}):
+        for fmt in ("onnx", "pte"):
+            for precision in ("int8", "fp16"):
+                low, base = sizes.get((part, precision, fmt)), sizes.get((part, "fp32", fmt))
+                if low and base:
+                    suffix = "" if len({r["part"] for r in rows}) == 1 else f" {part}"
+                    figures[f"{precision} / fp32 size ({fmt}){suffix}"] = low / base
+    result = {"seconds": seconds, "single_runs": singles, "figures": figures,
+              "cells": [{k: r[k] for k in ("part", "precision", "format", "status", "file_bytes")}
+                        for r in rows]}
+    (root / "bench.json").write_text(json.dumps(result, indent=1))
+    lines = []
+    for name, value in figures.items():
+        goal = GOALS.get(name.rsplit(" ", 1)[0] if name not in GOALS else name)
+        verdict = "-" if goal is None else ("met" if value <= goal else "MISSED")
+        lines.append([name, f"{value:.3f}", "-" if goal is None else f"<= {goal:.2f}", verdict])
+    print("\n" + table(lines, ["figure", "measured", "goal", ""]))
+    print(f"\ncold {seconds['cold_sweep']:.1f} s, warm {seconds['warm_sweep']:.1f} s, "
+          f"six single cold runs {seconds['sum_of_single_runs']:.1f} s   ->  {root / 'bench.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
