@@ -1,0 +1,122 @@
+"""The precision matrix: six verified cells and one report, upstream stages computed once,
+quantization proven by the audit, and the INT8 fallback policy."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.size_audit import check_precision
+from tests.conftest import ROOT, TEST_CONF
+from tests.test_end_to_end import eager_logits, run_artifact
+
+UPSTREAM = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate")
+
+
+def stage_misses(manifests: list[dict]) -> Counter:
+    return Counter(s["stage"] for m in manifests for part in m["parts"].values()
+                   for s in part["stages"] if s["cache"] == "miss")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, demo_checkpoint) -> Path:
+    """`python run.py -m recipe=matrix` on the demo model, cold cache (joblib, 2 workers)."""
+    root = tmp_path_factory.mktemp("matrix")
+    result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", f"cache.dir={root}/cache",
+                             f"hydra.sweep.dir={root}/sweep"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout
+    return root / "sweep"
+
+
+def test_the_sweep_builds_six_verified_cells_and_one_report(sweep):
+    for name in ("matrix.md", "matrix.csv", "matrix.json", "matrix.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    rows = json.loads((sweep / "matrix.json").read_text())
+    assert {(r["precision"], r["format"]) for r in rows} == {
+        (p, f) for p in ("fp32", "fp16", "int8") for f in ("onnx", "pte")}
+    assert all(r["status"] == "pass" for r in rows), [(r["precision"], r["format"], r["error"]) for r in rows]
+    by_cell = {(r["precision"], r["format"]): r for r in rows}
+    for fmt in ("onnx", "pte"):
+        assert by_cell["fp32", fmt]["max_abs"] <= 1e-4
+        assert by_cell["fp16", fmt]["max_abs"] <= 1e-2 and by_cell["fp16", fmt]["size_ratio_to_fp32"] <= 0.6
+        int8 = by_cell["int8", fmt]
+        assert int8["size_ratio_to_fp32"] <= 0.35
+        assert int8["accuracy_eager"] - int8["accuracy"] <= 0.01 and int8["top1_agreement"] >= 0.98
+    with open(sweep / "matrix.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    table = (sweep / "matrix.md").read_text()
+    assert table.count("| digits_cnn/classifier") == 6 and "vs fp32" in table
+
+
+def test_every_cell_artifact_runs_in_its_runtime_and_agrees_with_eager(sweep, demo_checkpoint):
+    images, expected, labels = eager_logits(demo_checkpoint)
+    for row in json.loads((sweep / "matrix.json").read_text()):
+        actual = run_artifact(Path(row["artifact"]), images)
+        agreement = (actual.argmax(1) == expected.argmax(1)).mean()
+        assert agreement >= 0.98, (row["precision"], row["format"], agreement)
+        if row["precision"] != "int8":
+            assert np.abs(actual - expected).max() <= 1e-2
+
+
+def test_upstream_stages_run_once_per_sweep(sweep):
+    manifests = [json.loads(p.read_text()) for p in sweep.glob("*/manifest.json")]
+    assert len(manifests) == 6
+    misses = stage_misses(manifests)
+    assert all(misses[stage] == 1 for stage in UPSTREAM), misses
+    keys = {stage: {s["key"] for m in manifests for s in m["parts"]["classifier"]["stages"]
+                    if s["stage"] == stage} for stage in UPSTREAM}
+    assert all(len(k) == 1 for k in keys.values())
+
+
+def test_two_concurrent_processes_share_upstream_entries(tmp_path, tiny_checkpoint):
+    """Started together on an empty cache: one computes each shared stage, the other reuses it."""
+    common = [f"hydra.searchpath=[file://{TEST_CONF}]", "model=tiny", f"model.checkpoint={tiny_checkpoint}",
+              f"cache.dir={tmp_path}/cache"]
+    jobs = [subprocess.Popen([sys.executable, "run.py", f"format={fmt}", *common,
+                              f"hydra.run.dir={tmp_path}/{fmt}"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for fmt in ("onnx", "pte")]
+    for job in jobs:
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output
+    manifests = [json.loads((tmp_path / fmt / "manifest.json").read_text()) for fmt in ("onnx", "pte")]
+    misses = stage_misses(manifests)
+    assert all(misses[stage] == 1 for stage in UPSTREAM), misses
+    assert misses["lower"] == 2
+
+
+def test_an_int8_artifact_with_float_weights_fails_its_audit(run_tiny):
+    from stages.formats import onnx as onnx_backend
+
+    fp32 = run_tiny()
+    inspection = onnx_backend.inspect(fp32.outputs["lower"].dir / "model.onnx")
+    passed, reason = check_precision("int8", inspection)
+    assert not passed and "int8 holds only 0%" in reason
+    int8 = run_tiny("precision=int8")
+    assert int8.status == "pass", int8.error
+    audit = int8.result("size_audit")
+    assert audit["passed"] and audit["weight_share_by_dtype"]["int8"] > 0.5 and audit["quantize_ops"] > 0
+
+
+def test_pte_audit_counts_quantized_weights_and_ops(run_tiny):
+    fp32, int8 = run_tiny("format=pte"), run_tiny("format=pte", "precision=int8")
+    assert not check_precision("int8", fp32.result("size_audit"))[0]
+    audit = int8.result("size_audit")
+    assert audit["passed"] and audit["dequantize_ops"] > 0 and 0 < audit["delegated_share"] <= 1
+
+
+def test_int8_that_misses_its_tolerance_falls_back_to_fp32_when_allowed(run_tiny):
+    strict = ("precision=int8", "precision.tolerance.min_cosine=1.01")
+    failed = run_tiny(*strict)
+    assert failed.status == "fail" and "[verify]" in failed.error and "cosine" in failed.error
+    fallback = run_tiny(*strict, "quantize.on_failure=fp32")
+    assert fallback.status == "fallback" and "cosine" in fallback.fallback_reason
+    assert fallback.result("quantize")["method"] == "none" and fallback.result("verify")["passed"]
+    assert fallback.result("size_audit")["weight_share_by_dtype"].get("float32", 0) > 0.9
