@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Size against worst verification error, one labelled point per cell."""
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is not the run
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
