@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import tempfile
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from models.splits import TEST, TRAIN, generator
 
 N_SAMPLES = 750
 SAMPLE_RATE = 250
@@ -80,6 +82,18 @@ def _batch(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     return x, labels
 
 
+def train_split(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration windows (N, 1, 1, 750) from the training distribution."""
+    x, _ = _batch(samples, generator(TRAIN, seed))
+    return {"signal": x[:, None].numpy()}
+
+
+def test_split(samples: int = 512) -> dict:
+    """Held-out windows and labels: verification data, never drawn for calibration."""
+    x, labels = _batch(samples, generator(TEST))
+    return {"inputs": {"signal": x[:, None].numpy()}, "labels": labels.numpy()}
+
+
 def make_checkpoint(path: str | pathlib.Path) -> None:
     """Train briefly on the synthetic burst task and write a Lightning-style checkpoint atomically."""
     torch.manual_seed(0)
@@ -111,13 +125,13 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
 def _save_atomic(obj: dict, path: pathlib.Path) -> None:
     """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

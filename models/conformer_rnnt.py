@@ -10,13 +10,20 @@ import argparse
 import math
 import os
 import pathlib
-import tempfile
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.splits import TEST, TRAIN, generator
+
 COMPILED_PREFIX = "encoder._orig_mod."
+CONFIG = {  # what make_checkpoint trains (and stores in the checkpoint)
+    "feat_in": 80, "d_model": 64, "n_layers": 2, "n_heads": 4, "ff_expansion": 4, "conv_kernel_size": 15,
+    "subsampling_factor": 2, "vocab_size": 16, "pred_hidden": 64, "pred_layers": 1, "joint_dim": 64,
+    "dropout": 0.0,
+}
 
 
 class ConvSubsampling(nn.Module):
@@ -60,17 +67,17 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        batch, _, d_model = x.shape
+        batch, frames, d_model = x.shape
         d_head = d_model // self.n_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, -1, self.n_heads, d_head).transpose(1, 2)
+            return t.reshape(batch, frames, self.n_heads, d_head).transpose(1, 2)
 
         q, k, v = heads(self.linear_q(x)), heads(self.linear_k(x)), heads(self.linear_v(x))
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_head)
         scores = scores.masked_fill(pad_mask[:, None, None, :], -10000.0)
         attn = self.dropout(torch.softmax(scores, dim=-1))
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, -1, d_model)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, frames, d_model)
         return self.linear_out(out)
 
 
@@ -90,7 +97,7 @@ class ConvModule(nn.Module):
         x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
         x = x.masked_fill(pad_mask[:, None, :], 0.0)
         x = F.silu(self.batch_norm(self.depthwise_conv(x)))
-        return self.pointwise_conv2(x).transpose(1, 2)
+        return self.pointwise_conv2(x).transpose(1, 2).contiguous()
 
 
 class ConformerLayer(nn.Module):
@@ -132,6 +139,8 @@ class ConformerEncoder(nn.Module):
 
     ``forward(audio_signal (B, feat_in, T) float, length (B,) int64)`` returns
     ``(encoded (B, d_model, T') float, encoded_len (B,) int64)`` with ``T' = ceil(T / subsampling_factor)``.
+    Exports with a dynamic batch and ``torch.export.Dim("T", min=3)`` (min 3 keeps ``T' >= 2``: size 1 would
+    be specialised).
     """
 
     def __init__(
@@ -296,8 +305,75 @@ def _path_loss(model: ConformerRNNT, batch: dict[str, torch.Tensor]) -> torch.Te
         return -picked.gather(2, target.unsqueeze(-1)).squeeze(-1)
 
     blank = torch.full_like(state, n_out - 1)
-    loss = nll(state, batch["first"]) * batch["valid"] + nll((state + 1).clamp(max=logits.shape[2] - 1), blank) * batch["emit"]
+    after = (state + 1).clamp(max=logits.shape[2] - 1)  # only used where a token is emitted, so never clamped there
+    loss = nll(state, batch["first"]) * batch["valid"] + nll(after, blank) * batch["emit"]
     return loss.sum() / (batch["valid"].sum() + batch["emit"].sum())
+
+
+def _templates(gen: torch.Generator) -> torch.Tensor:
+    """One feature template per token (the first draw of make_checkpoint's generator)."""
+    return 1.5 * torch.randn(CONFIG["vocab_size"], CONFIG["feat_in"], generator=gen)
+
+
+def _utterances(split: int, count: int, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh utterances of the task the checkpoint was trained on."""
+    templates = _templates(torch.Generator().manual_seed(0))
+    return _batch(templates, CONFIG["subsampling_factor"], count, generator(split, seed))
+
+
+def _encoder_inputs(split: int, samples: int, seed: int) -> dict[str, np.ndarray]:
+    batch = _utterances(split, samples, seed)
+    return {"feats": batch["feats"][:, None].numpy(), "lengths": batch["length"][:, None].numpy()}
+
+
+def encoder_train_split(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration features (N, 1, 80, 64) and their valid lengths (N, 1)."""
+    return _encoder_inputs(TRAIN, samples, seed)
+
+
+def encoder_test_split(samples: int = 64) -> dict:
+    """Held-out features and lengths (no labels: the encoder's outputs are compared as numbers)."""
+    return {"inputs": _encoder_inputs(TEST, samples, 0)}
+
+
+def _decoder_examples(checkpoint: str | pathlib.Path, split: int, samples: int,
+                      seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Greedy-step inputs on the alignment paths of fresh utterances, teacher-forced: the previous
+    token, the LSTM state after the tokens so far, one encoder frame; the label is what the path
+    emits at that frame (a token or blank)."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build(payload["config"]).eval()
+    model.load_state_dict({k.replace(COMPILED_PREFIX, "encoder."): v for k, v in payload["model_state_dict"].items()})
+    batch = _utterances(split, -(-samples // 24), seed)  # >= 24 valid frames each
+    with torch.no_grad():
+        enc, _ = model(batch["feats"], batch["length"])
+        y = F.pad(batch["targets"], (1, 0), value=model.decoder.blank_id)
+        layers, hidden = model.decoder.lstm.num_layers, model.decoder.lstm.hidden_size
+        h, c = torch.zeros(layers, len(y), hidden), torch.zeros(layers, len(y), hidden)
+        states = []
+        for u in range(y.shape[1]):  # states[u]: after consuming y[:, :u]
+            states.append((h, c))
+            _, (h, c) = model.decoder.lstm(model.decoder.embedding(y[:, u]).unsqueeze(0), (h, c))
+    rows, frames = batch["valid"].nonzero(as_tuple=True)
+    pick = torch.randperm(len(rows), generator=generator(split, seed))[:samples]
+    rows, frames = rows[pick], frames[pick]
+    u = batch["state"][rows, frames]
+    h0 = torch.stack([states[k][0][:, b] for k, b in zip(u.tolist(), rows.tolist())])
+    c0 = torch.stack([states[k][1][:, b] for k, b in zip(u.tolist(), rows.tolist())])
+    inputs = {"y_prev": y[rows, u][:, None].numpy(), "h0": h0[:, :, None].numpy(),
+              "c0": c0[:, :, None].numpy(), "enc_t": enc[rows, :, frames][:, None].numpy()}
+    return inputs, batch["first"][rows, frames].numpy()
+
+
+def decoder_train_split(checkpoint: str, samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration steps (y_prev, h0, c0, enc_t) as the trained model meets them."""
+    return _decoder_examples(checkpoint, TRAIN, samples, seed)[0]
+
+
+def decoder_test_split(checkpoint: str, samples: int = 256) -> dict:
+    """Held-out steps and the token (or blank) the alignment path emits at each."""
+    inputs, labels = _decoder_examples(checkpoint, TEST, samples, 0)
+    return {"inputs": inputs, "labels": labels}
 
 
 def make_checkpoint(path: str | pathlib.Path) -> None:
@@ -305,13 +381,9 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
-    config = {
-        "feat_in": 80, "d_model": 64, "n_layers": 2, "n_heads": 4, "ff_expansion": 4, "conv_kernel_size": 15,
-        "subsampling_factor": 2, "vocab_size": 16, "pred_hidden": 64, "pred_layers": 1, "joint_dim": 64,
-        "dropout": 0.0,
-    }
+    config = dict(CONFIG)
     model = build(config)
-    templates = 1.5 * torch.randn(config["vocab_size"], config["feat_in"], generator=gen)
+    templates = _templates(gen)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(150):
@@ -330,13 +402,13 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
 def _save_atomic(obj: dict, path: pathlib.Path) -> None:
     """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import tempfile
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from models.splits import TEST, TRAIN, generator
 
 N_MELS = 64
 N_FRAMES = 101
@@ -94,6 +96,24 @@ def _batch(templates: torch.Tensor, size: int, gen: torch.Generator) -> tuple[to
     return x.unsqueeze(1), labels
 
 
+def _examples(split: int, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples (N, 1, 1, 64, 101) of the task the checkpoint was trained on, and their labels."""
+    templates = _class_templates(12, torch.Generator().manual_seed(0))  # as make_checkpoint draws them
+    x, labels = _batch(templates, samples, generator(split, seed))
+    return x[:, None].numpy(), labels.numpy()
+
+
+def train_split(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration inputs from the training distribution."""
+    return {"mel": _examples(TRAIN, samples, seed)[0]}
+
+
+def test_split(samples: int = 256) -> dict:
+    """Held-out inputs and labels: verification data, never drawn for calibration."""
+    mel, labels = _examples(TEST, samples, 0)
+    return {"inputs": {"mel": mel}, "labels": labels}
+
+
 def make_checkpoint(path: str | pathlib.Path) -> None:
     """Train briefly on the synthetic blob task and write ``{"model_state_dict", "config"}`` atomically."""
     torch.manual_seed(0)
@@ -118,13 +138,13 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
 def _save_atomic(obj: dict, path: pathlib.Path) -> None:
     """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

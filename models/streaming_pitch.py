@@ -12,8 +12,8 @@ import argparse
 import math
 import os
 import pathlib
-import tempfile
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,9 +37,13 @@ class CachedConv1d(nn.Module):
         self.register_buffer("cache", torch.zeros(1, in_channels, self.pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Streaming step: convolve ``[cache, x]`` and keep its last ``pad`` frames as the new cache."""
+        """Streaming step: convolve ``[cache, x]`` and keep its last ``pad`` frames as the new cache.
+
+        The cache is written detached: it never carries autograd history from one call into the next, and
+        ExecuTorch's ``to_executorch`` rejects the in-place write of a grad-requiring value into the buffer.
+        """
         xc = torch.cat([self.cache, x], dim=-1)
-        self.cache.copy_(xc[..., -self.pad:])
+        self.cache.copy_(xc[..., -self.pad:].detach())
         return self.conv(xc)
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +142,12 @@ def _batch(model: StreamingPitch, size: int, n_hops: int, gen: torch.Generator
     return audio.unsqueeze(1), bins, voiced
 
 
+def calibration_chunks(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """``samples`` consecutive hops ``(samples, 1, 1, hop)`` of one piecewise-sine stream, in order."""
+    audio, _, _ = _batch(StreamingPitch(), 1, samples, torch.Generator().manual_seed(seed))
+    return {"chunk": audio.reshape(samples, 1, 1, -1).numpy()}
+
+
 def make_checkpoint(path: str | pathlib.Path) -> None:
     """Train on piecewise sines (non-streaming path); write ``{"model_state_dict", "config"}`` with zeroed caches."""
     torch.manual_seed(0)
@@ -167,13 +177,13 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
 def _save_atomic(obj: dict, path: pathlib.Path) -> None:
     """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

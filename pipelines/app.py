@@ -24,7 +24,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
              root["precision"]["name"], root["format"]["name"], _relative(run_dir))
     try:
-        ensure_checkpoint(root["model"], log)
+        ensure_checkpoint(root["model"], list(hydra.overrides.task), log)
         import stages  # noqa: F401  registers the stages; light, no torch
 
         from .runner import Runner
@@ -45,10 +45,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def ensure_checkpoint(model: dict[str, Any], log) -> None:
-    """Make a shipped model's checkpoint when it is missing (once, even with parallel jobs)."""
+def ensure_checkpoint(model: dict[str, Any], overrides: list[str], log) -> None:
+    """Make a shipped model's checkpoint when it is missing (once, even with parallel jobs), but
+    never at a path given with model.checkpoint=: a missing file there is the user's to fix."""
     path = Path(model["checkpoint"])
-    if path.exists() or not model.get("make_checkpoint"):
+    named = any(o.split("=", 1)[0].lstrip("+~") == "model.checkpoint" for o in overrides)
+    if path.exists() or named or not model.get("make_checkpoint"):
         return
     from hydra.utils import get_method
 

@@ -60,7 +60,11 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         base = fp32.get((row["model"], row["part"], row["format"]))
         row["size_ratio_to_fp32"] = round(row["file_bytes"] / base, 4) if base and row["file_bytes"] else None
     order = {"fp32": 0, "fp16": 1, "int8": 2, "int8_dynamic": 3}
-    return sorted(rows, key=lambda r: (r["model"], r["part"], r["format"], order.get(r["precision"], 9)))
+    parts: dict[tuple[str, str], int] = {}  # a model's parts in their config order (encoder first)
+    for row in rows:
+        parts.setdefault((row["model"], row["part"]), len(parts))
+    return sorted(rows, key=lambda r: (r["model"], parts[r["model"], r["part"]], r["format"],
+                                       order.get(r["precision"], 9)))
 
 
 def cells(rows: list[dict[str, Any]]) -> list[list[str]]:

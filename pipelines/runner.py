@@ -19,7 +19,9 @@ from .versions import library_versions, module_source_hash, sha256_file
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "quantize", "lower",
          "verify", "size_audit")
-RETRYABLE_AT_FP32 = ("quantize", "lower", "verify")  # where an INT8 cell may fall back
+# where an INT8 cell may fall back: it failed to quantize, lower or verify, or the audit found
+# its weights mostly not int8 (an operator the quantizer leaves alone, such as an LSTM)
+RETRYABLE_AT_FP32 = ("quantize", "lower", "verify", "size_audit")
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Runner:
     def run_part(self, part: dict[str, Any]) -> PartRun:
         run = PartRun(part["name"])
         root = {**self.root, "part": part}
+        self.log.info("%s:", part["name"])
         index = 0
         while index < len(CHAIN):
             name = CHAIN[index]
@@ -117,7 +120,7 @@ class Runner:
                 if self._may_fall_back(root, run, name):
                     self.log.info("  %s at %s failed (%s): falling back to fp32", name,
                                   root["precision"]["name"], exc.message)
-                    run.status, run.fallback_reason = "fallback", str(exc)
+                    run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
                     root["precision"] = {"name": "fp32",
                                          "tolerance": root["quantize"]["fallback_tolerance"]}
                     index = CHAIN.index("quantize")
@@ -130,7 +133,7 @@ class Runner:
         return run
 
     def _may_fall_back(self, root: dict[str, Any], run: PartRun, failed: str) -> bool:
-        """An INT8 cell whose quantize, lower or verify failed may be rebuilt at FP32."""
+        """An INT8 cell that failed a RETRYABLE_AT_FP32 stage may be rebuilt at FP32."""
         return (failed in RETRYABLE_AT_FP32 and root["precision"]["name"].startswith("int8")
                 and root["quantize"]["on_failure"] == "fp32" and run.status != "fallback")
 
@@ -153,7 +156,7 @@ class Runner:
         run.outputs[stage.name] = output
         run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
                                        material["files"]))
-        self._copy_artifacts(stage, output, run.part)
+        self._copy_artifacts(stage, output.dir, run.part)
         self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
                       output.result.get("summary", ""))
 
@@ -162,7 +165,7 @@ class Runner:
             workdir = self.run_dir / "work" / part / stage.name
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
-            return StageOutput(key, workdir, self._call(stage, view, inputs, workdir)), False
+            return StageOutput(key, workdir, self._call(stage, view, inputs, workdir, part)), False
         with self.cache.lock(key):
             entry = None if stage.name in self.refresh else self.cache.lookup(key)
             if entry is not None:
@@ -170,7 +173,7 @@ class Runner:
             tmp = self.cache.new_workdir()
             started = time.monotonic()
             try:
-                result = self._call(stage, view, inputs, tmp / "files")
+                result = self._call(stage, view, inputs, tmp / "files", part)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -179,12 +182,13 @@ class Runner:
             entry = self.cache.commit(key, tmp, meta)
             return StageOutput(key, entry.files, result), False
 
-    def _call(self, stage: Stage, view, inputs, workdir: Path) -> dict[str, Any]:
+    def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> dict[str, Any]:
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
         try:
             with logs.libraries_to_log():
                 return stage.fn(ctx)
         except PipelineError:
+            self._copy_artifacts(stage, workdir, part)  # what it wrote to explain the failure
             raise
         except Exception as exc:  # a library failure: full traceback to the log, one line here
             logging.getLogger(__name__).error("stage %s failed:\n%s", stage.name,
@@ -192,11 +196,11 @@ class Runner:
             raise PipelineError(f"{type(exc).__name__}: {first_line(exc)}", stage=stage.name,
                                 fix=f"see {self.run_dir / 'run.log'} for the full traceback") from exc
 
-    def _copy_artifacts(self, stage: Stage, output: StageOutput, part: str) -> None:
+    def _copy_artifacts(self, stage: Stage, directory: Path, part: str) -> None:
         if not stage.artifacts:
             return
         target = self.run_dir / "artifacts" / part
         target.mkdir(parents=True, exist_ok=True)
         for pattern in stage.artifacts:
-            for path in output.dir.glob(pattern):
+            for path in directory.glob(pattern):
                 shutil.copy2(path, target / path.name)

@@ -51,9 +51,24 @@ class OnFailure(str, Enum):
 
 
 class StateMode(str, Enum):
-    auto = "auto"
-    io = "io"
-    internal = "internal"
+    auto = "auto"  # io for formats without mutable state (onnx), internal for the others (pte)
+    io = "io"  # state as explicit inputs state_in_* and outputs state_out_*
+    internal = "internal"  # mutable buffers kept inside the program
+
+
+class StreamSignal(str, Enum):
+    sine = "sine"
+    noise = "noise"
+    file = "file"
+
+
+@dataclass
+class LengthOf:
+    """Names the input dim an integer input measures: synthetic values are then valid lengths,
+    in [max(low, 1), that dim's size], e.g. `{input: feats, dim: 2}` for lengths <= T."""
+
+    input: str = MISSING
+    dim: int = MISSING
 
 
 @dataclass
@@ -68,6 +83,29 @@ class TensorSpec:
     low: float = -1.0  # synthetic values are drawn in [low, high)
     high: float = 1.0
     max: int = 1024  # upper bound of its dynamic dims (ExecuTorch plans memory for it)
+    length_of: Optional[LengthOf] = None  # an integer input holding another input's valid length
+
+
+@dataclass
+class ToleranceOverride:
+    """A part's own bounds at one precision; a field left unset keeps the precision's value,
+    null switches that check off."""
+
+    max_abs: Optional[float] = MISSING
+    mean_abs: Optional[float] = MISSING
+    min_cosine: Optional[float] = MISSING
+    max_accuracy_drop: Optional[float] = MISSING
+    min_top1_agreement: Optional[float] = MISSING
+
+
+@dataclass
+class PartTolerance:
+    """A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`)."""
+
+    fp32: Optional[ToleranceOverride] = None
+    fp16: Optional[ToleranceOverride] = None
+    int8: Optional[ToleranceOverride] = None
+    int8_dynamic: Optional[ToleranceOverride] = None
 
 
 @dataclass
@@ -81,6 +119,8 @@ class PartConfig:
     outputs: List[str] = MISSING
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
+    state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}
+    tolerance: PartTolerance = field(default_factory=PartTolerance)  # over the precision's own
 
 
 @dataclass
@@ -148,10 +188,28 @@ class CalibrationConfig:
 
 
 @dataclass
+class StreamConfig:
+    """The deterministic signal a stateful part is verified on, chunk by chunk; unused otherwise.
+
+    Float inputs get the signal along their last axis, continuing across chunks; integer inputs
+    get seeded values in the spec's [low, high].
+    """
+
+    chunks: int = 24
+    signal: StreamSignal = StreamSignal.sine
+    frequency_hz: float = 261.63  # sine: C4
+    sample_rate: int = 16000
+    amplitude: float = 0.5
+    seed: int = 0  # noise, integer inputs
+    file: Optional[str] = None  # signal=file: a 1-D .npy signal, read in consecutive pieces
+
+
+@dataclass
 class VerifyConfig:
     samples: int = 64  # held-out inputs when the model has no eval_data
     batch_size: int = 16
     seed: int = 1234  # differs from calibration's seed: verification never sees calibration inputs
+    stream: StreamConfig = field(default_factory=StreamConfig)  # parts with state
 
 
 @dataclass

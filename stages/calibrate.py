@@ -8,12 +8,15 @@ import numpy as np
 from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
-from .tensors import as_examples, synthetic_examples
+from .tensors import as_examples, dataset_files, synthetic_examples
 
 
 def _files(view) -> list[str]:
+    """The outside files calibration reads (the runner hashes them into its key)."""
     calibration = view["calibration"]
-    return list(calibration["files"]) if calibration["source"] == "files" else []
+    if calibration["source"] == "files":
+        return list(calibration["files"])
+    return dataset_files(view["part"]["calibration_data"]) if calibration["source"] == "dataset" else []
 
 
 @stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data"),

@@ -1,39 +1,73 @@
-"""clean_state_dict: make the checkpoint's keys fit the architecture, and report every key."""
+"""clean_state_dict: make the checkpoint's keys fit the architecture, and report every key.
+
+A saved ExportedProgram carries its own weights and graph: it passes through untouched.
+"""
 from __future__ import annotations
 
 import json
 
+from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
 
 @stage("clean_state_dict", needs=("load_checkpoint",),
        config=("model.clean", "model.arch", "model.factory"),
-       code=("stages.state_dict_cleaning", "stages.model_builder"), artifacts=("key_report.json",))
+       code=("stages.state_dict_cleaning", "stages.model_builder", "stages.formats"),
+       artifacts=("key_report.json",))
 def run(ctx: StageContext) -> dict:
     import torch
 
     from .model_builder import build_model
-    from .state_dict_cleaning import CleanOptions, clean_state_dict
+    from .state_dict_cleaning import CleanOptions, KeysDoNotFit, clean_state_dict
 
     loaded = ctx.input("load_checkpoint")
+    if loaded.result["has_program"]:
+        return _program_passes_through(ctx, loaded)
+    if loaded.result["kind"] == "torchscript" and not (ctx.cfg.model.arch or ctx.cfg.model.factory):
+        raise PipelineError("the checkpoint is a TorchScript archive: torch.export cannot "
+                            "re-export a scripted graph, so its weights need the architecture "
+                            "they belong to",
+                            fix="set model.arch._target_ (with its arguments) to the model's class")
     expected = {k: (tuple(v.shape), v.dtype)
                 for k, v in build_model(ctx.cfg.model, loaded.result["config"]).state_dict().items()}
     state = torch.load(loaded.dir / "state_dict.pt", map_location="cpu", weights_only=True)
     ema_path = loaded.dir / "ema_state_dict.pt"
     ema = torch.load(ema_path, map_location="cpu", weights_only=True) if ema_path.exists() else None
     options = CleanOptions(**{k: v for k, v in _plain(ctx.cfg.model.clean).items()})
-    cleaned, report = clean_state_dict(state, expected, options, ema_state_dict=ema)
+    try:
+        cleaned, report = clean_state_dict(state, expected, options, ema_state_dict=ema)
+    except KeysDoNotFit as exc:  # the runner keeps a failed stage's artifacts in the run dir
+        _write_report(ctx, exc.report)
+        raise
     torch.save(cleaned, ctx.workdir / "state_dict.pt")
-    (ctx.workdir / "key_report.json").write_text(json.dumps(report, indent=1, default=str))
-    rules = ", ".join(str(rule) for rule in report.get("applied", [])) or "no renames"
+    _write_report(ctx, report)
+    rules = ", ".join(f"{rule['rule']}: {rule['count']} keys" for rule in report["applied"]) or "no renames"
     return {
+        "weights": "state_dict.pt",
         "matched": report["matched"],
         "missing": len(report["missing"]),
         "unexpected": len(report["unexpected"]),
         "strict": options.strict,
-        "applied": report.get("applied", []),
+        "applied": report["applied"],
         "summary": f"{report['matched']} keys matched ({rules})",
     }
+
+
+def _program_passes_through(ctx: StageContext, loaded) -> dict:
+    """The program is the model: wrap exports it and verify runs it, no architecture needed."""
+    from .formats import link_or_copy
+
+    link_or_copy(loaded.dir / "program.pt2", ctx.workdir / "program.pt2")
+    unused = "".join(f"; model.{key} not used" for key in ("arch", "factory") if ctx.cfg.model.get(key))
+    note = f"ExportedProgram: its own {loaded.result['tensors']} tensors, nothing to clean{unused}"
+    report = {"source": "ExportedProgram", "tensors": loaded.result["tensors"], "note": note}
+    _write_report(ctx, report)
+    return {"weights": "program.pt2", "matched": loaded.result["tensors"], "missing": 0,
+            "unexpected": 0, "strict": True, "applied": [], "summary": note}
+
+
+def _write_report(ctx: StageContext, report: dict) -> None:
+    (ctx.workdir / "key_report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 def _plain(node) -> dict:

@@ -1,20 +1,23 @@
-"""lower: write the deployable file (.pte or .onnx) and the io.json an app reads beside it."""
+"""lower: write the deployable file (.pte or .onnx) and the io.json an app reads beside it,
+with state.json when the app carries state from call to call."""
 from __future__ import annotations
 
 import json
-import shutil
 
 from pipelines.registry import StageContext, stage
 
 from .formats import Job, backend
 
 
-@stage("lower", needs=("wrap", "quantize"), config=("precision.name", "format"),
-       code=("stages.formats",), artifacts=("model.*", "io.json"))
+@stage("lower", needs=("quantize",), config=("precision.name", "format"),
+       code=("stages.formats",), artifacts=("model.*", "io.json", "state.json"))
 def run(ctx: StageContext) -> dict:
-    io_file = ctx.input("wrap").dir / "io.json"
-    job = Job(ctx.input("quantize").dir, json.loads(io_file.read_text()), ctx.cfg.precision.name,
-              ctx.cfg.format, None, None, ctx.workdir)
+    quantized = ctx.input("quantize").dir
+    io = json.loads((quantized / "io.json").read_text())  # the program quantize picked
+    job = Job(quantized, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
     result = backend(ctx.cfg.format.name).lower(job)
-    shutil.copy2(io_file, ctx.workdir / "io.json")
-    return {**result, "summary": result["artifact"]}
+    (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
+    if io["state"]:
+        (ctx.workdir / "state.json").write_text(json.dumps(io["state"], indent=1))
+    carried = f", state as I/O: {len(io['state'])} tensors (state.json)" if io["state"] else ""
+    return {**result, "summary": result["artifact"] + carried}

@@ -13,10 +13,7 @@ from torch import nn
 
 from pipelines.errors import PipelineError
 
-from .tensors import export_shapes
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
-                "int32": torch.int32, "bool": torch.bool}
+from .tensors import export_shapes, synthetic
 
 
 def import_callable(dotted: str, key: str):
@@ -52,6 +49,9 @@ def build_model(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, An
         raise PipelineError(f"the architecture built a {type(model).__name__}, not a torch.nn.Module",
                             fix="point model.arch._target_ at an nn.Module class or factory")
     return model.eval()
+
+
+PART_PREFIX = "model."  # a PartModule holds the user's model as `model`
 
 
 class PartModule(nn.Module):
@@ -94,41 +94,62 @@ def _flatten(out: Any) -> list[torch.Tensor]:
                         fix="export a method that returns tensors (or tuples/dicts of them)")
 
 
-def load_part(model_cfg: Mapping[str, Any], part: Mapping[str, Any], state_dict_path: Path,
+def load_part(model_cfg: Mapping[str, Any], part: Mapping[str, Any], weights: Path,
               checkpoint_config: Mapping[str, Any] | None, strict: bool = True) -> PartModule:
-    """The eval-mode PartModule with the cleaned weights loaded."""
+    """The PartModule: the architecture in eval mode with the cleaned weights (a state dict),
+    or a saved ExportedProgram (.pt2) as it is."""
+    if weights.suffix == ".pt2":
+        return PartModule(_program_module(weights, part), part)  # an exported module has no train()
     model = build_model(model_cfg, checkpoint_config)
-    state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=strict)
     return PartModule(model, part).eval()
+
+
+def _program_module(path: Path, part: Mapping[str, Any]) -> nn.Module:
+    if part.get("module") or (part.get("method") or "forward") != "forward":
+        raise PipelineError(f"part '{part['name']}' selects module '{part.get('module')}' method "
+                            f"'{part.get('method')}', but the checkpoint is an ExportedProgram, "
+                            "which has only its forward",
+                            fix="drop the part's module and method, or give a state-dict "
+                                "checkpoint and model.arch to export parts of the model")
+    return torch.export.load(path).module()
+
+
+def used_tensors(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    """The weights, buffers and constants the program's graph uses (a part exported from a bigger
+    model also holds the ones it does not use; they are not shipped)."""
+    signature = program.graph_signature
+    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+             **signature.inputs_to_lifted_tensor_constants}
+    tensors = {**program.state_dict, **program.constants}
+    return [tensors[names[node.name]] for node in program.graph.nodes
+            if node.op == "placeholder" and node.users and node.name in names
+            and isinstance(tensors.get(names[node.name]), torch.Tensor)]
 
 
 def example_inputs(specs: list[Mapping[str, Any]], seed: int = 0,
                    exact: bool = False) -> tuple[torch.Tensor, ...]:
     """Seeded tensors of the export example shapes (of the specs' own shapes when exact)."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = []
     shapes = [tuple(s["shape"]) for s in specs] if exact else export_shapes(specs)
-    for spec, shape in zip(specs, shapes):
-        dtype = TORCH_DTYPES[spec["dtype"]]
-        if dtype.is_floating_point:
-            low, high = spec["low"], spec["high"]
-            tensors.append((torch.rand(shape, generator=generator) * (high - low) + low).to(dtype))
-        else:
-            tensors.append(torch.randint(int(spec["low"]), int(spec["high"]) + 1, shape,
-                                         generator=generator).to(dtype))
-    return tuple(tensors)
+    return tuple(torch.from_numpy(a) for a in synthetic(specs, shapes, seed).values())
 
 
 def dynamic_shapes(specs: list[Mapping[str, Any]]) -> tuple[dict[int, Any], ...] | None:
-    """torch.export dims from the specs; inputs naming the same dim share one Dim."""
-    dims: dict[str, torch.export.Dim] = {}
-    shapes = []
-    for spec in specs:
-        entry = {}
-        for index, name in spec["dynamic"].items():
-            if name not in dims:
-                dims[name] = torch.export.Dim(name, min=1, max=int(spec["max"]))
-            entry[int(index)] = dims[name]
-        shapes.append(entry)
-    return (tuple(shapes),) if dims else None  # one entry: PartModule.forward(*inputs)
+    """torch.export dims from the specs, each in [1, max]. Dims are hints, not hard ranges:
+    export narrows a range the model cannot take whole (a conv needing 3 frames) and relates the
+    dims the model ties together, where named Dims would fail; wrap then refuses any dynamic dim
+    export fixed to one size."""
+    shapes = [{int(index): torch.export.Dim.DYNAMIC(min=1, max=int(spec["max"]))
+               for index in spec["dynamic"]} for spec in specs]
+    return (tuple(shapes),) if any(shapes) else None  # one entry: PartModule.forward(*inputs)
+
+
+def as_step(module: nn.Module, specs: list[Mapping[str, Any]]):
+    """The module as a function {input name: array} -> [output arrays], like a loaded artifact."""
+
+    def step(feed: Mapping[str, Any]) -> list[Any]:
+        with torch.no_grad():
+            return [t.numpy() for t in module(*(torch.from_numpy(feed[s["name"]]) for s in specs))]
+
+    return step

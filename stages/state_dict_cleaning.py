@@ -24,6 +24,14 @@ AUTO_RULES: dict[str, Callable[[str], str]] = {
 }
 
 
+class KeysDoNotFit(PipelineError):
+    """The weights do not fit the model; `report` is the full key report, for key_report.json."""
+
+    def __init__(self, message: str, *, fix: str, report: dict):
+        super().__init__(message, fix=fix)
+        self.report = report
+
+
 @dataclass
 class CleanOptions:
     """How to turn checkpoint keys into model keys (the `model.clean.*` settings)."""
@@ -274,7 +282,7 @@ def _check(report: dict, strict: bool, expected_count: int) -> None:
         f"  {b['key']}: checkpoint {_fmt(b['checkpoint'])} vs model {_fmt(b['expected'])}" for b in broken[:SHOWN]
     ]
     lines += _more(broken)
-    raise PipelineError("\n".join(lines), fix=_suggest_fix(report, missing, broken, expected_count))
+    raise KeysDoNotFit("\n".join(lines), fix=_suggest_fix(report, missing, broken, expected_count), report=report)
 
 
 def _suggest_fix(report: dict, missing: list[dict], broken: list[dict], expected_count: int) -> str:

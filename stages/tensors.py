@@ -16,20 +16,50 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
 
 
 def synthetic_examples(specs: list[Mapping[str, Any]], count: int, seed: int) -> dict[str, np.ndarray]:
-    """`count` seeded examples per input: uniform in [low, high) (integers: inclusive)."""
+    """`count` seeded examples per input, stacked (count, *shape)."""
+    return synthetic(specs, [tuple(spec["shape"]) for spec in specs], seed, count)
+
+
+def synthetic(specs: list[Mapping[str, Any]], shapes: list[tuple[int, ...]], seed: int,
+              count: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded values of the given shapes (stacked `count` deep when given): uniform in
+    [low, high), integers in [low, high]; a length input (`length_of`) in [max(low, 1), the
+    size of the dim it measures]."""
     rng = np.random.default_rng(seed)
+    by_name = {spec["name"]: shape for spec, shape in zip(specs, shapes)}
     stacks = {}
-    for spec in specs:
-        shape = (count, *spec["shape"])
+    for spec, shape in zip(specs, shapes):
         dtype = NUMPY_DTYPES[spec["dtype"]]
-        if np.issubdtype(dtype, np.integer):
-            values = rng.integers(int(spec["low"]), int(spec["high"]) + 1, size=shape)
+        size = shape if count is None else (count, *shape)
+        if spec.get("length_of"):
+            values = rng.integers(max(int(spec["low"]), 1), _measured(spec, by_name) + 1, size=size)
+        elif np.issubdtype(dtype, np.integer):
+            values = rng.integers(int(spec["low"]), int(spec["high"]) + 1, size=size)
         elif dtype == np.bool_:
-            values = rng.random(shape) < 0.5
+            values = rng.random(size) < 0.5
         else:
-            values = rng.uniform(spec["low"], spec["high"], size=shape)
+            values = rng.uniform(spec["low"], spec["high"], size=size)
         stacks[spec["name"]] = values.astype(dtype)
     return stacks
+
+
+def _measured(spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The size of the dim a length input measures."""
+    ref = spec["length_of"]
+    shape = shapes.get(ref["input"])
+    if shape is None or not -len(shape) <= int(ref["dim"]) < len(shape) \
+            or not np.issubdtype(NUMPY_DTYPES[spec["dtype"]], np.integer):
+        raise PipelineError(f"input '{spec['name']}' ({spec['dtype']}) has length_of "
+                            f"{dict(ref)}, which names no dim of another input "
+                            f"(inputs: { {name: list(s) for name, s in shapes.items()} })",
+                            fix="give an integer input length_of: {input: <input name>, dim: <index>}")
+    return shape[int(ref["dim"])]
+
+
+def dataset_files(dataset: Mapping[str, Any] | None) -> list[str]:
+    """The string arguments of a data callable ({_target_: fn, path: ...}): the runner hashes the
+    ones that are files into the stage's key, so editing a data file recomputes the stage."""
+    return [v for k, v in (dataset or {}).items() if k != "_target_" and isinstance(v, str)]
 
 
 def as_examples(arrays: Mapping[str, np.ndarray], specs: list[Mapping[str, Any]],
@@ -66,24 +96,31 @@ def _fits(actual: tuple[int, ...], shape: tuple[int, ...], spec: Mapping[str, An
     return all(a == s or d in dynamic for d, (a, s) in enumerate(zip(actual, shape)))
 
 
-def batch_dim_dynamic(specs: list[Mapping[str, Any]]) -> bool:
-    return all(0 in {int(d) for d in spec["dynamic"]} for spec in specs)
+def batch_axes(specs: list[Mapping[str, Any]]) -> dict[str, int] | None:
+    """Where each input stacks examples into a batch: the dynamic dim that every input has and
+    that is dim 0 of one of them (`batch` of features (B, ...) and of LSTM states (L, B, H));
+    None when the inputs share no such dim (examples then go one at a time)."""
+    dims = {spec["name"]: {str(n): int(d) for d, n in spec["dynamic"].items()} for spec in specs}
+    shared = set.intersection(*(set(named) for named in dims.values())) if dims else set()
+    leading = sorted(n for n in shared if any(named[n] == 0 for named in dims.values()))
+    return {name: named[leading[0]] for name, named in dims.items()} if leading else None
 
 
 def batches(examples: Mapping[str, np.ndarray], specs: list[Mapping[str, Any]],
             batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Examples grouped along dim 0 when every input's dim 0 is dynamic, else one at a time."""
+    """Examples joined `batch_size` at a time along each input's batch axis, else one at a time."""
     count = len(next(iter(examples.values())))
-    step = batch_size if batch_dim_dynamic(specs) else 1
+    axes = batch_axes(specs)
+    step = batch_size if axes else 1
     for start in range(0, count, step):
-        yield {name: np.concatenate(list(array[start:start + step]), axis=0)
+        yield {name: np.concatenate(list(array[start:start + step]), axis=axes[name] if axes else 0)
                for name, array in examples.items()}
 
 
 def batch_count(examples: Mapping[str, np.ndarray], specs: list[Mapping[str, Any]],
                 batch_size: int) -> int:
     count = len(next(iter(examples.values())))
-    step = batch_size if batch_dim_dynamic(specs) else 1
+    step = batch_size if batch_axes(specs) else 1
     return -(-count // step)
 
 

@@ -1,4 +1,8 @@
-"""verify: run the artifact in its real runtime on held-out inputs and compare with eager PyTorch."""
+"""verify: run the artifact in its real runtime on held-out inputs and compare with eager PyTorch.
+
+A part with state (buffers updated in forward, or declared state pairs) is also verified chunk by
+chunk on a stream, its state carried as an app carries it (stages/streaming.py).
+"""
 from __future__ import annotations
 
 import json
@@ -10,32 +14,65 @@ from pipelines.logs import progress
 from pipelines.registry import StageContext, stage
 
 from .formats import backend
-from .tensors import as_examples, batch_count, batches, synthetic_examples
+from .tensors import as_examples, batch_count, batches, dataset_files, synthetic_examples
+
+
+def _reads(view) -> list[str]:
+    """The outside files verify reads: the part's eval data, a streamed signal file."""
+    stream = view["verify"]["stream"]
+    signal = [stream["file"]] if stream["signal"] == "file" and stream["file"] else []
+    return dataset_files(view["part"]["eval_data"]) + signal
 
 
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "lower"),
        config=("verify", "precision", "format.name", "model.arch", "model.factory", "part"),
-       code=("stages.formats", "stages.model_builder", "stages.tensors"),
-       artifacts=("verify.json",))
+       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.streaming"),
+       reads=_reads, artifacts=("verify.json",))
 def run(ctx: StageContext) -> dict:
-    import torch
-
-    from .model_builder import load_part
+    from .model_builder import as_step, load_part
 
     wrap, lower = ctx.input("wrap"), ctx.input("lower")
-    io = json.loads((wrap.dir / "io.json").read_text())
-    specs = io["inputs"]
-    examples, labels, origin = _held_out(ctx, specs)
+    eager_io = json.loads((wrap.dir / "io.json").read_text())  # the module's own inputs/outputs
+    io = json.loads((lower.dir / "io.json").read_text())  # the artifact's: its state may be I/O
     clean = ctx.input("clean_state_dict")
-    eager = load_part(ctx.cfg.model, ctx.cfg.part, clean.dir / "state_dict.pt",
+    eager = load_part(ctx.cfg.model, ctx.cfg.part, clean.dir / clean.result["weights"],
                       ctx.input("load_checkpoint").result["config"], strict=clean.result["strict"])
     artifact = backend(ctx.cfg.format.name).load(lower.dir / lower.result["artifact"], io)
+    tolerance = part_tolerance(ctx.cfg.precision, ctx.cfg.part)
+    step = as_step(eager, eager_io["inputs"])  # without internal state, io has the same inputs
+    # a module that updates its buffers is not a function of one input: only a stream tests it
+    report = {} if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
+    if eager_io["state"] or eager_io["internal_state"]:
+        from .streaming import verify_stream
+
+        report["stream"] = verify_stream(ctx.cfg.verify.stream, tolerance, step, eager_io,
+                                         _resetter(eager, eager_io), artifact, io)
+        report.setdefault("outputs", report["stream"]["outputs"])
+    report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
+    if report["passed"] and "stream" in report:
+        report["passed"], report["reason"] = report["stream"]["passed"], report["stream"]["reason"]
+    (ctx.workdir / "verify.json").write_text(json.dumps(report, indent=1))
+    outputs = report["outputs"].values()
+    acc, stream = report.get("accuracy"), report.get("stream")
+    report["summary"] = (("PASS" if report["passed"] else "FAIL")
+                         + f" max_abs={max(o['max_abs'] for o in outputs):.2e}"
+                         f" cos={min(o['cosine'] for o in outputs):.6f}"
+                         + (f" acc {acc['eager']:.2%}->{acc['artifact']:.2%}" if acc else "")
+                         + (f" | {stream['chunks']} chunks streamed: worst {stream['max_abs']:.2e},"
+                            f" stateless would be {stream['stateless_baseline']['max_abs']:.2e}"
+                            if stream else ""))
+    return report
+
+
+def _held_out_report(ctx: StageContext, io, eager, artifact) -> dict[str, Any]:
+    """Eager and artifact on the held-out examples, batch by batch."""
+    specs = io["inputs"]
+    examples, labels, origin = _held_out(ctx, specs)
     size = ctx.cfg.verify.batch_size
     expected: list[list[np.ndarray]] = []
     actual: list[list[np.ndarray]] = []
     for batch in progress(batches(examples, specs, size), batch_count(examples, specs, size), "verify"):
-        with torch.no_grad():
-            expected.append([t.numpy() for t in eager(*(torch.from_numpy(batch[s["name"]]) for s in specs))])
+        expected.append(eager(batch))
         actual.append(artifact(batch))
     outputs = {name: compare(np.concatenate([e[i] for e in expected]),
                              np.concatenate([a[i] for a in actual]))
@@ -43,18 +80,21 @@ def run(ctx: StageContext) -> dict:
     report: dict[str, Any] = {"held_out": origin, "examples": len(next(iter(examples.values()))),
                               "outputs": outputs}
     if labels is not None:
-        first = io["outputs"][0]
         report["accuracy"] = classification(np.concatenate([e[0] for e in expected]),
                                             np.concatenate([a[0] for a in actual]), labels)
-        report["accuracy"]["output"] = first
-    report["passed"], report["reason"] = check(report, ctx.cfg.precision.tolerance)
-    (ctx.workdir / "verify.json").write_text(json.dumps(report, indent=1))
-    worst = max(outputs.values(), key=lambda o: o["max_abs"])
-    acc = report.get("accuracy")
-    report["summary"] = (("PASS" if report["passed"] else "FAIL") + f" max_abs={worst['max_abs']:.2e}"
-                         f" cos={min(o['cosine'] for o in outputs.values()):.6f}"
-                         + (f" acc {acc['eager']:.2%}->{acc['artifact']:.2%}" if acc else ""))
+        report["accuracy"]["output"] = io["outputs"][0]
     return report
+
+
+def _resetter(module, io):
+    """Puts the buffers forward updates back to their loaded values (a new stream)."""
+    initial = {name: module.get_buffer(name).clone() for name in io["internal_state"]}
+
+    def reset() -> None:
+        for name, value in initial.items():
+            module.get_buffer(name).copy_(value)
+
+    return reset
 
 
 def _held_out(ctx: StageContext, specs) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
@@ -90,6 +130,15 @@ def classification(expected: np.ndarray, actual: np.ndarray, labels: np.ndarray)
     return {"eager": float((eager_top1 == labels).mean()),
             "artifact": float((artifact_top1 == labels).mean()),
             "top1_agreement": float((eager_top1 == artifact_top1).mean())}
+
+
+def part_tolerance(precision, part):
+    """The precision's tolerance with the fields the part overrides at that precision."""
+    from omegaconf import OmegaConf
+
+    override = (part.get("tolerance") or {}).get(precision.name) or {}
+    mine = {key: override[key] for key in override if not OmegaConf.is_missing(override, key)}
+    return OmegaConf.merge(precision.tolerance, mine)
 
 
 def check(report: dict[str, Any], tol) -> tuple[bool, str]:

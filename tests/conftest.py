@@ -36,8 +36,9 @@ def run_tiny(tmp_path: Path, tiny_checkpoint: Path):
     import stages  # noqa: F401  registers the stages
     from pipelines.runner import Runner
 
-    def run(*overrides: str, checkpoint: Path = tiny_checkpoint, cache: Path = tmp_path / "cache"):
-        cfg = compose_config("model=tiny", f"model.checkpoint={checkpoint}", f"cache.dir={cache}",
+    def run(*overrides: str, checkpoint: Path = tiny_checkpoint, cache: Path = tmp_path / "cache",
+            model: str = "tiny"):
+        cfg = compose_config(f"model={model}", f"model.checkpoint={checkpoint}", f"cache.dir={cache}",
                              *overrides)
         run_dir = tmp_path / "run"
         run_dir.mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """Model zoo: deterministic checkpoints, weights_only loading, rebuild from config, torch.export, streaming."""
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 
@@ -28,10 +29,12 @@ def _state_dict(name: str, ckpt: dict) -> dict[str, torch.Tensor]:
 
 
 def _tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The stored tensors, keys as saved."""
     return ckpt["state_dict"] if "state_dict" in ckpt else ckpt["model_state_dict"]
 
 
 def _load(name: str, path: pathlib.Path) -> nn.Module:
+    """Rebuild from the stored config, load strictly, eval mode."""
     ckpt = torch.load(path, weights_only=True)
     model = MODULES[name].build(_config(name, ckpt))
     model.load_state_dict(_state_dict(name, ckpt), strict=True)
@@ -127,15 +130,16 @@ def test_classifier_exports(name: str, checkpoints: dict) -> None:
 def test_encoder_exports_with_dynamic_time(checkpoints: dict) -> None:
     model = _load("conformer_rnnt", checkpoints["conformer_rnnt"])
     x, length = torch.randn(2, 80, 64), torch.tensor([64, 41])
-    time = torch.export.Dim("T", min=8, max=4096)
+    batch, time = torch.export.Dim("B"), torch.export.Dim("T", min=3)
     ep = torch.export.export(
-        model.encoder, (x, length), dynamic_shapes={"audio_signal": {2: time}, "length": None}, strict=False
+        model.encoder, (x, length), dynamic_shapes={"audio_signal": {0: batch, 2: time}, "length": {0: batch}},
+        strict=False,
     )
-    for frames in (17, 64, 250):
-        x, length = torch.randn(2, 80, frames), torch.tensor([frames, frames // 2 + 1])
+    for size, frames in ((1, 3), (2, 17), (3, 250)):
+        x, length = torch.randn(size, 80, frames), torch.tensor([frames, frames // 2 + 1, 2][:size])
         encoded, encoded_len = ep.module()(x, length)
         expected, expected_len = model.encoder(x, length)
-        assert encoded.shape == (2, 64, (frames + 1) // 2) and encoded.dtype == torch.float32
+        assert encoded.shape == (size, 64, (frames + 1) // 2) and encoded.dtype == torch.float32
         assert encoded_len.dtype == torch.int64
         torch.testing.assert_close(encoded, expected, rtol=0, atol=1e-5)
         assert torch.equal(encoded_len, expected_len)
@@ -243,7 +247,8 @@ def test_pitch_follows_frequency(checkpoints: dict) -> None:
 def test_pitch_export_mutates_cache_buffers(checkpoints: dict) -> None:
     model = _load("streaming_pitch", checkpoints["streaming_pitch"])
     chunks = torch.randn(5, 1, 1, model.hop)
-    ep = torch.export.export(model, (chunks[0],), strict=False)
+    # The exported program shares buffer storage with the module it came from: export a copy.
+    ep = torch.export.export(copy.deepcopy(model), (chunks[0],), strict=False)
     # torch.export keeps the in-place copy_ in its training IR; the functional IR (what to_edge and the
     # ONNX exporter consume) lists the caches as mutated buffers.
     mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
@@ -254,3 +259,20 @@ def test_pitch_export_mutates_cache_buffers(checkpoints: dict) -> None:
         for chunk in chunks:
             for got, want in zip(exported(chunk), model(chunk)):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for name, cache in model.named_buffers():
+        if name.endswith(".cache"):
+            assert cache.any()
+            torch.testing.assert_close(exported.get_buffer(name), cache, rtol=0, atol=1e-5)
+
+
+def test_pitch_bin_frequencies_match_predictions(checkpoints: dict) -> None:
+    model = _load("streaming_pitch", checkpoints["streaming_pitch"])
+    centres = model.bin_frequencies()
+    assert centres.shape == (24,) and centres[0] == 80.0 and abs(centres[-1] - 800.0) < 1e-3
+    picked = torch.arange(2, 22, 3)
+    t = torch.arange(12 * model.hop) / model.sample_rate
+    audio = 0.5 * torch.sin(2 * torch.pi * centres[picked, None] * t).unsqueeze(1)
+    with torch.no_grad():
+        logits, _ = model.forward_sequence(audio)
+    predicted = logits[:, 6:].argmax(-1)  # past the start-up hops
+    assert ((predicted - picked[:, None]).abs() <= 1).float().mean() > 0.9

@@ -26,3 +26,40 @@ def write_checkpoint(path: Path, seed: int = 0) -> Path:
 def calibration(samples: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.standard_normal((samples, 1, 16)).astype(np.float32)}
+
+
+class BranchingNet(TinyNet):
+    """Branches on a tensor's value: torch.export cannot capture it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+@torch.library.custom_op("tiny::wobble", mutates_args=())
+def wobble(x: torch.Tensor) -> torch.Tensor:
+    """A custom operator: torch.export captures it (it has a fake kernel), no exporter knows it."""
+    return x * 2
+
+
+@wobble.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class Wobble(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return wobble(x)
+
+
+class CustomOpNet(TinyNet):
+    """TinyNet's weights, with the custom operator in a sub-module `act`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.act = Wobble()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x))

@@ -2,6 +2,8 @@
 
 Each backend module defines:
     SUFFIX                                   the deployable file's extension
+    KEEPS_STATE                              whether the runtime keeps mutable buffers between
+                                             calls (else a part's state must be inputs/outputs)
     quantize(job) -> dict                    precision applied in the IR this runtime quantizes in
     lower(job) -> dict                       the deployable file (+ program stats) in job.workdir
     load(artifact: Path) -> Callable         runs the artifact in its real runtime:
@@ -49,6 +51,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def calibration_batches(job: Job) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs in order (streaming.carry adds a lifted state to them)."""
     from ..tensors import batches
 
     with np.load(job.calibration) as data:

@@ -3,6 +3,7 @@ own tools (float16 conversion, static QDQ / dynamic quantization), run in onnxru
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from pipelines.errors import PipelineError, first_line
 from . import Job, calibration_batches, link_or_copy, weight_summary
 
 SUFFIX = ".onnx"
+KEEPS_STATE = False  # an ONNX graph is a function: state must be inputs and outputs
 GRAPH = "graph.onnx"
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                  "ConvInteger", "QLinearConv", "QLinearMatMul")
@@ -42,6 +44,7 @@ def quantize(job: Job) -> dict[str, Any]:
 def _export(job: Job, path: Path) -> None:
     import torch
 
+    from ..export_errors import lowering_failure
     from ..model_builder import example_inputs
 
     program = torch.export.load(job.source / "program.pt2")
@@ -55,9 +58,28 @@ def _export(job: Job, path: Path) -> None:
             opset_version=job.fmt.opset, input_names=[s["name"] for s in specs],
             output_names=job.io["outputs"], verbose=False)
     except Exception as exc:
-        raise PipelineError(f"torch.onnx (dynamo) export failed: {first_line(exc)}",
-                            fix="see run.log for the operator and module it names") from exc
+        raise lowering_failure("torch.onnx (dynamo) export", exc, program) from exc
+    _name_dims(onnx_program.model, specs)
     onnx_program.save(str(path), external_data=weight_bytes > job.fmt.external_data_threshold_mb * 2**20)
+
+
+def _name_dims(model, specs: list[dict[str, Any]]) -> None:
+    """Dynamic axes named after the specs' dims (`time`, `batch`), not torch's symbols (`s65`),
+    in every shape of the graph, expressions included (`((time - 1)//2) + 1`)."""
+    import onnx_ir as ir
+
+    names = {dim.value: name for value, spec in zip(model.graph.inputs, specs)
+             for index, name in spec["dynamic"].items()
+             for dim in [value.shape[int(index)]] if isinstance(dim, ir.SymbolicDim) and dim.value}
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    values = [*model.graph.inputs, *model.graph.outputs, *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([ir.SymbolicDim(symbol.sub(lambda m: names[m.group()], d.value))
+                                    if isinstance(d, ir.SymbolicDim) and d.value else d
+                                    for d in value.shape])
 
 
 def _to_float16(source: Path, target: Path) -> str:
@@ -79,9 +101,16 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         def get_next(self):
             return next(self.batches, None)
 
+    feeds = calibration_batches(job)
+    if any(s["input"] not in feeds[0] for s in job.io["state"]):  # a lifted state: each feed
+        # holds the state the fp32 graph returned for the one before, as an app carries it
+        from ..streaming import carry
+
+        feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
     prepared = _pre_processed(source)
     method = job.quantize.calibrate_method
-    quantize_static(str(prepared), str(target), Reader(calibration_batches(job)),
+    quantize_static(str(prepared), str(target), Reader(feeds),
+                    nodes_to_exclude=_state_nodes(prepared, job.io),
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method),
@@ -89,6 +118,15 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
     prepared.unlink()
     return f"ORT static QDQ int8, {method} calibration" + (
         ", per-channel weights" if job.quantize.per_channel else "")
+
+
+def _state_nodes(model: Path, io: dict[str, Any]) -> list[str]:
+    """The nodes that read a state input or write a state output: left in float, so the state
+    an app carries is never quantized."""
+    import onnx
+
+    ends = {s["input"] for s in io["state"]} | {s["output"] for s in io["state"]}
+    return [node.name for node in onnx.load(str(model)).graph.node if ends & {*node.input, *node.output}]
 
 
 def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:

@@ -9,13 +9,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports torchao anyway
 
-from pipelines.errors import PipelineError, first_line
-
-from ..model_builder import dynamic_shapes, example_inputs
+from ..export_errors import lowering_failure
+from ..model_builder import as_step, dynamic_shapes, example_inputs, used_tensors
+from ..state_io import state_nodes
+from ..streaming import carry
 from . import Job, calibration_batches, link_or_copy, weight_summary
 
 SUFFIX = ".pte"
+KEEPS_STATE = True  # mutable buffers live in the method between execute() calls
 PROGRAM = "program.pt2"
 
 
@@ -43,11 +46,34 @@ def _pt2e(program: torch.export.ExportedProgram, job: Job) -> torch.nn.Module:
     dynamic = job.precision == "int8_dynamic"
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
         is_per_channel=job.quantize.per_channel, is_dynamic=dynamic))
-    prepared = prepare_pt2e(program.module(), quantizer)
-    with torch.no_grad():
-        for batch in calibration_batches(job)[: 1 if dynamic else None]:
-            prepared(*(torch.from_numpy(batch[s["name"]]) for s in job.io["inputs"]))
+    prepared = prepare_pt2e(program.module(), _FloatState(quantizer, job.io))
+    initial = {name: prepared.get_buffer(name).clone() for name in job.io["internal_state"]}
+    # in order, the state carried: calibrated on what a stream really sees
+    carry(as_step(prepared, job.io["inputs"]), job.io, calibration_batches(job)[: 1 if dynamic else None])
+    for name, value in initial.items():  # calibration moved the internal state on: reset it
+        prepared.get_buffer(name).copy_(value)
     return convert_pt2e(prepared)
+
+
+class _FloatState(Quantizer):
+    """The inner quantizer, minus its annotations on the nodes that read or write the state:
+    the state is carried in float, never quantized."""
+
+    def __init__(self, inner: Quantizer, io: dict[str, Any]):
+        super().__init__()
+        self.inner, self.io = inner, io
+
+    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return self.inner.transform_for_annotation(model)
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = self.inner.annotate(model)
+        for node in state_nodes(model.graph, self.io):
+            node.meta.pop("quantization_annotation", None)
+        return model
+
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        self.inner.validate(model)
 
 
 class _HalfPrecision(torch.nn.Module):
@@ -59,6 +85,11 @@ class _HalfPrecision(torch.nn.Module):
         for name, value in list(vars(self.inner).items()):  # lifted tensor constants
             if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
                 setattr(self.inner, name, value.half())
+        for node in self.inner.graph.nodes:  # tensors made from sizes (arange, full): half too
+            if node.kwargs.get("dtype") == torch.float32 and not any(
+                    isinstance(arg.meta.get("val"), torch.Tensor) for arg in node.all_input_nodes):
+                node.kwargs = {**node.kwargs, "dtype": torch.float16}
+        self.inner.recompile()
 
     def forward(self, *inputs):
         cast = [x.half() if x.dtype == torch.float32 else x for x in inputs]
@@ -87,7 +118,8 @@ def _reexport(module: torch.nn.Module, job: Job, path: Path) -> None:
 def lower(job: Job) -> dict[str, Any]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     program = torch.export.load(job.source / PROGRAM)
     stats = _program_stats(program)
@@ -95,11 +127,10 @@ def lower(job: Job) -> dict[str, Any]:
     try:
         edge = to_edge_transform_and_lower(program, partitioner=partitioners)
         delegation = get_delegation_info(edge.exported_program().graph_module)
-        executorch_program = edge.to_executorch()
+        executorch_program = edge.to_executorch(ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
     except Exception as exc:
-        raise PipelineError(f"ExecuTorch lowering failed: {first_line(exc)}",
-                            fix="see run.log; an operator without an ExecuTorch kernel must be "
-                                "replaced in the model or kept out of the exported part") from exc
+        raise lowering_failure("ExecuTorch lowering", exc, program) from exc
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
     stats["delegated_share"] = round(delegated / max(delegated + other, 1), 4)
@@ -113,6 +144,14 @@ def lower(job: Job) -> dict[str, Any]:
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
     return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
             "warnings": stats["warnings"]}
+
+
+def _mutable_buffers(program: torch.export.ExportedProgram) -> list[str]:
+    """Placeholders of the buffers the program updates: serialized with their initial values
+    (ExecuTorch otherwise ships only their shape, and a stream would start from garbage)."""
+    signature = program.graph_signature
+    mutated = set(signature.buffers_to_mutate.values())
+    return [spec.arg.name for spec in signature.input_specs if spec.target in mutated]
 
 
 def _planned_shapes(artifact: Path) -> list[list[int]]:
@@ -133,15 +172,9 @@ def _narrowed_dims(specs: list[dict[str, Any]], planned: list[list[int]]) -> lis
 
 def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     """Weights by dtype and quantize/dequantize op counts of the program being serialized."""
-    signature = program.graph_signature
-    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
-             **signature.inputs_to_lifted_tensor_constants}
-    tensors = {**program.state_dict, **program.constants}
     by_dtype: Counter[str] = Counter()
-    for node in program.graph.nodes:  # only what the graph uses: unused originals are not shipped
-        tensor = tensors.get(names.get(node.name, "")) if node.op == "placeholder" and node.users else None
-        if isinstance(tensor, torch.Tensor):
-            by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    for tensor in used_tensors(program):  # unused originals are not shipped
+        by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     quantize_ops = sum(c for t, c in targets.items() if "quantize_per" in t and "dequantize" not in t)
     dequantize_ops = sum(c for t, c in targets.items() if "dequantize_per" in t)

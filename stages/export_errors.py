@@ -1,0 +1,155 @@
+"""Export failures as messages a user can act on: which input, which operator, which module.
+
+wrap runs the part eagerly on inputs built from its specs before torch.export, so a spec that
+does not fit the module (rank, dtype) is told apart from a module torch.export cannot capture
+(a data-dependent branch, an operator without a fake kernel); a dim declared dynamic that the
+model fixes is refused. The format backends name the operator and the module of the graph node
+their exporter or lowering failed on.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from typing import Any, Mapping
+
+from pipelines.errors import PipelineError, first_line
+
+USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
+
+
+def check_inputs(module, example: tuple, specs: list[Mapping[str, Any]], part: str) -> None:
+    """Run the part once on the example inputs; a failure here is the specs' fault. Buffers
+    that forward updates (a streaming model's state) are put back as they were."""
+    import torch
+
+    buffers = {name: value.clone() for name, value in module.named_buffers()}
+    try:
+        with torch.no_grad():
+            module(*example)
+            for name, value in buffers.items():
+                module.get_buffer(name).copy_(value)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(
+            f"part '{part}' does not accept inputs built from its input specs "
+            f"({_describe(specs, example)}): {type(exc).__name__}: {first_line(exc)}",
+            fix="make each input spec's shape (rank), dtype and kwarg match what the module's "
+                "forward expects") from exc
+
+
+def capture_failure(exc: Exception, module, part: str) -> PipelineError:
+    """torch.export failed on a module that runs eagerly: say what in the module it cannot capture."""
+    text = str(exc)
+    frame = USER_FRAME.search(text.split("The following call raised this error:")[-1])
+    where = ""
+    if frame:
+        path, line, function, code = frame.groups()
+        owner = _module_at(module, path, int(line))
+        where = f" at {path}:{line} in {owner or function}: `{code.strip()}`"
+    if "data-dependent" in text:
+        return PipelineError(
+            f"part '{part}': torch.export cannot capture a data-dependent branch{where} "
+            f"({first_line(exc)})",
+            fix="replace Python control flow on tensor values with torch.where / torch.cond, or "
+                "export a part that does not contain it")
+    return PipelineError(
+        f"part '{part}': torch.export cannot capture the module{where}: "
+        f"{type(exc).__name__}: {_first_lines(text)}",
+        fix="replace the operation it names (custom or unsupported operators need a fake/meta "
+            "kernel), or export a part that does not contain it")
+
+
+def check_dynamic_dims(program, specs: list[Mapping[str, Any]], part: str) -> None:
+    """Every dim the specs declare dynamic is still dynamic in the program (export fixes a dim
+    the model ties to one size, which would ship a static artifact without a word)."""
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    fixed = [f"{spec['name']} dim {index} ({dim}) = {shape[int(index)]}"
+             for name, spec in zip(program.graph_signature.user_inputs, specs)
+             for shape in [placeholders[name].meta["val"].shape]
+             for index, dim in spec["dynamic"].items() if isinstance(shape[int(index)], int)]
+    if fixed:
+        raise PipelineError(
+            f"part '{part}': the model fixes dims its input specs declare dynamic: {', '.join(fixed)}",
+            fix="drop them from the specs' `dynamic`, or remove what ties them to one size in the "
+                "model (a shape used as a Python number, a reshape to constant sizes)")
+
+
+def lowering_failure(step: str, exc: Exception, program) -> PipelineError:
+    """An exporter or lowering error, with the operators it names and the modules they come from."""
+    logging.getLogger(__name__).error("%s failed", step, exc_info=exc)  # run.log only
+    text = str(exc)
+    culprits = [f"{op} (from {module})" for op, module in _named_nodes(text, program)]
+    named = f"operator {', '.join(culprits[:3])}: " if culprits else ""
+    return PipelineError(f"{step} failed on {named}{_summary(text)}",
+                         fix="replace the operator in the model, give it an implementation for "
+                             "this format, or export a part that does not contain it; the full "
+                             "error is in run.log")
+
+
+def _named_nodes(text: str, program) -> list[tuple[str, str]]:
+    """(operator, module) of the graph's call nodes whose operator or node name the text cites."""
+    found: dict[str, str] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "name"):
+            continue
+        op = node.target.name()  # "namespace::name"
+        cited = (op in text or op.replace("::", ".") in text or f"%{node.name} " in text)
+        if cited and op not in found:
+            found[op] = _module_of(node)
+    return list(found.items())
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the part's top level"
+    path, kind = list(stack.values())[-1]
+    return f"{_user_path(str(path))} ({str(kind).rsplit('.', 1)[-1]})"
+
+
+def _module_at(module, path: str, line: int) -> str | None:
+    """The sub-module whose forward holds path:line, as `name (Class)`."""
+    for name, sub in module.named_modules():
+        forward = type(sub).forward
+        try:
+            source, start = inspect.getsourcelines(forward)
+            same = inspect.getsourcefile(forward) == path
+        except (OSError, TypeError):
+            continue
+        if same and start <= line < start + len(source):
+            return f"{_user_path(name)} ({type(sub).__name__})"
+    return None
+
+
+def _user_path(path: str) -> str:
+    """A module path inside the PartModule as the user names it in their model."""
+    from .model_builder import PART_PREFIX
+
+    inner = "" if path == PART_PREFIX.rstrip(".") else path.removeprefix(PART_PREFIX)
+    return inner or "the model"
+
+
+def _describe(specs: list[Mapping[str, Any]], example: tuple) -> str:
+    """`name [spec shape] dtype`, with the shape it was traced at when a dynamic dim differs."""
+    described = []
+    for spec, tensor in zip(specs, example):
+        traced = list(tensor.shape)
+        text = f"{spec['name']} {list(spec['shape'])} {spec['dtype']}"
+        text += f" (traced as {traced})" if traced != list(spec["shape"]) else ""
+        described.append(text + (f" -> {spec['kwarg']}=" if spec.get("kwarg") else ""))
+    return ", ".join(described)
+
+
+def _first_lines(text: str, count: int = 2) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[:count])[:500] if lines else "no message"
+
+
+def _summary(text: str) -> str:
+    """The most telling line: an exporter's own exception summary when it has one."""
+    for line in text.splitlines():
+        if re.match(r"<class '[\w.]+(Dispatch|Conversion)Error'>: ", line.strip()):
+            return line.split(">: ", 1)[1][:400]
+    return _first_lines(text)

@@ -1,0 +1,49 @@
+"""A part's own tolerance at a precision: the fields it sets win, the others keep the precision's."""
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from stages.verify import part_tolerance
+from tests.conftest import compose_config
+
+OVERRIDE = "model.parts.0.tolerance={fp16: {max_abs: 0.05, min_cosine: null}}"
+
+
+def as_stage_sees_it(*overrides: str):
+    """precision and part as a stage's ctx.cfg holds them: a plain container, enums as strings."""
+    root = OmegaConf.to_container(compose_config("model=tiny", *overrides), resolve=True, enum_to_str=True)
+    return OmegaConf.create(root["precision"]), OmegaConf.create(root["model"]["parts"][0])
+
+
+def test_set_fields_win_unset_fields_keep_the_precisions():
+    tolerance = part_tolerance(*as_stage_sees_it("precision=fp16", OVERRIDE))
+    assert tolerance.max_abs == 0.05 and tolerance.min_cosine is None
+    assert tolerance.mean_abs is None and tolerance.max_accuracy_drop is None
+
+
+def test_an_override_for_another_precision_changes_nothing():
+    fp32, part = as_stage_sees_it("precision=fp32", OVERRIDE)
+    assert part_tolerance(fp32, part) == fp32.tolerance
+
+
+def test_an_unknown_precision_or_field_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose_config("model=tiny", "model.parts.0.tolerance={fp64: {max_abs: 1}}")
+    with pytest.raises(ConfigCompositionException):
+        compose_config("model=tiny", "model.parts.0.tolerance={fp16: {max_abs_: 1}}")
+
+
+def test_verify_judges_with_the_parts_tolerance(run_tiny):
+    run = run_tiny("model.parts.0.tolerance={fp32: {max_abs: 1e-12}}")
+    assert run.status == "fail" and "[verify] output 'logits' max abs error" in run.error
+    assert "> 1e-12" in run.error
+
+
+def test_every_precision_can_be_overridden():
+    from dataclasses import fields
+
+    from pipelines.schema import PartTolerance, Precision
+
+    assert [f.name for f in fields(PartTolerance)] == [p.value for p in Precision]
