@@ -1,8 +1,6 @@
 """1-D CNN that classifies 750-sample biosignal windows (3 s at 250 Hz): background vs. seizure-like."""
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
 
 import numpy as np
@@ -10,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.checkpoint_io import main, save_atomic
 from models.splits import TEST, TRAIN, generator
 
 N_SAMPLES = 750
@@ -119,23 +118,8 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
         "epoch": 0,
         "global_step": steps,
     }
-    _save_atomic(checkpoint, pathlib.Path(path))
-
-
-def _save_atomic(obj: dict, path: pathlib.Path) -> None:
-    """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
-    try:
-        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_atomic(checkpoint, pathlib.Path(path))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_path", type=pathlib.Path, help="where to write the checkpoint")
-    make_checkpoint(parser.parse_args().out_path)
+    main(make_checkpoint, __doc__)

@@ -6,15 +6,14 @@ calibration draws from the training images only, verification uses the test imag
 """
 from __future__ import annotations
 
-import argparse
-import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from models.checkpoint_io import main, save_atomic
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -85,16 +84,8 @@ def make_checkpoint(path: str | Path, epochs: int = 40) -> None:
             loss = nn.functional.cross_entropy(model(x[batch]), y[batch], label_smoothing=0.1)
             loss.backward()
             optimiser.step()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()  # not torch.save(tmp path): the archive would carry the temp name
-    torch.save({"model_state_dict": model.state_dict(), "config": config, "epochs": epochs}, buffer)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    save_atomic({"model_state_dict": model.state_dict(), "config": config, "epochs": epochs}, path)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    make_checkpoint(parser.parse_args().out)
+    main(make_checkpoint, __doc__)

@@ -8,15 +8,15 @@ Bin ``i`` is centred on ``fmin * (fmax / fmin) ** (i / (n_bins - 1))`` Hz (see `
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import pathlib
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from models.checkpoint_io import main, save_atomic
 
 TOTAL_STRIDE = 80
 
@@ -171,23 +171,8 @@ def make_checkpoint(path: str | pathlib.Path) -> None:
     model.eval()
     model.reset_state()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _save_atomic({"model_state_dict": state, "config": config}, pathlib.Path(path))
-
-
-def _save_atomic(obj: dict, path: pathlib.Path) -> None:
-    """``torch.save`` to a temp file in the target directory, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): file mode follows the umask
-    try:
-        with open(tmp, "wb") as f:  # a file object, so the archive's inner folder is "archive", not the name
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_atomic({"model_state_dict": state, "config": config}, pathlib.Path(path))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_path", type=pathlib.Path, help="where to write the checkpoint")
-    make_checkpoint(parser.parse_args().out_path)
+    main(make_checkpoint, __doc__)

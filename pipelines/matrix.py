@@ -47,6 +47,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "model": job["model"], "part": part["part"], "precision": job["precision"],
                 "format": job["format"], "status": part["status"],
                 "error": part.get("error") or part.get("fallback_reason"),
+                "warnings": part.get("warnings", []),
                 "file_bytes": size.get("file_bytes"), "compressed_bytes": size.get("compressed_bytes"),
                 "max_abs": max((o["max_abs"] for o in outputs), default=None),
                 "cosine": min((o["cosine"] for o in outputs), default=None),
@@ -78,10 +79,15 @@ def cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             for r in rows]
 
 
+def notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(cell, text) for every failure, fallback reason and warning."""
+    return [(f"{r['model']}/{r['part']} {r['precision']} {r['format']}", text)
+            for r in rows for text in ([r["error"]] if r["error"] else [])
+            + [f"warning: {w}" for w in r["warnings"]]]
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    notes = [f"  {r['model']}/{r['part']} {r['precision']} {r['format']}: {r['error']}"
-             for r in rows if r["error"]]
-    return "\n".join([table(cells(rows), COLUMNS), *notes])
+    return "\n".join([table(cells(rows), COLUMNS), *(f"  {cell}: {text}" for cell, text in notes(rows))])
 
 
 def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
@@ -92,8 +98,7 @@ def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         writer.writerows(rows)
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(c) + " |" for c in cells(rows)]
-    md += [f"\n- **{r['model']}/{r['part']} {r['precision']} {r['format']}**: {r['error']}"
-           for r in rows if r["error"]]
+    md += [""] + [f"- **{cell}**: {text}" for cell, text in notes(rows)]
     (sweep_dir / "matrix.md").write_text("\n".join(md) + "\n")
     plot(rows, sweep_dir / "matrix.png")
 

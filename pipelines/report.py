@@ -31,7 +31,7 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
         "fallback_reason": run.fallback_reason,
         "artifact": str(artifact) if artifact and artifact.exists() else None,
         "quantization": run.result("quantize").get("method"),
-        "warnings": lower.get("warnings", []) if lower else [],
+        "warnings": [w for stage in ("lower", "size_audit") for w in run.result(stage).get("warnings", [])],
         "verify": verify or None, "size": size or None,
         "seconds": round(sum(r.seconds for r in run.records), 3),
         "cache_hits": sum(r.hit for r in run.records), "stages_run": len(run.records),

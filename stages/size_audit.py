@@ -30,7 +30,12 @@ def run(ctx: StageContext) -> dict:
         "ratio_to_fp32_parameters": round(file_bytes / max(parameters * 4, 1), 4),
         **inspection,
     }
+    report["bytes_per_parameter"] = round(file_bytes / max(parameters, 1), 3)
     report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection)
+    report["warnings"] = []
+    if report["passed"]:
+        report["passed"], report["reason"], report["warnings"] = check_file(
+            ctx.cfg.precision.name, file_bytes, parameters)
     (ctx.workdir / "size_audit.json").write_text(json.dumps(report, indent=1))
     report["summary"] = (f"{file_bytes / 1024:.1f} KiB ({compressed / 1024:.1f} KiB zlib), "
                          f"{report['ratio_to_fp32_parameters']:.2f}x fp32 weights"
@@ -53,3 +58,26 @@ def check_precision(precision: str, inspection: dict[str, Any]) -> tuple[bool, s
     if precision == "fp16" and share.get("float16", 0) < 0.5:
         return False, f"precision fp16 but float16 holds only {share.get('float16', 0):.0%} of the weight bytes"
     return True, ""
+
+
+WEIGHTS_DOMINATE = 64 * 1024  # fp32 parameter bytes above which the weights dominate the file
+MAX_BYTES_PER_PARAMETER = {"int8": 2.5, "int8_dynamic": 2.5, "fp16": 3.0}
+
+
+def check_file(precision: str, file_bytes: int, parameters: int) -> tuple[bool, str, list[str]]:
+    """The shipped file, not only the program, must be the size its precision promises.
+
+    A backend may serialize weights wider than it computes with (XNNPACK stores convolution
+    weights as fp32 in an fp16 .pte): the download then does not shrink. At int8 that fails the
+    audit; at fp16 the compute is still half precision, so it is a warning that names the cost.
+    """
+    limit = MAX_BYTES_PER_PARAMETER.get(precision)
+    per_parameter = file_bytes / max(parameters, 1)
+    if limit is None or parameters * 4 < WEIGHTS_DOMINATE or per_parameter <= limit:
+        return True, "", []
+    finding = (f"the {precision} file holds {per_parameter:.1f} bytes per parameter "
+               f"(fp32 is 4): its weights are not stored at {precision}")
+    if precision == "fp16":
+        return True, "", [finding + "; the runtime computes in fp16 but the download is not smaller"]
+    return False, finding, []
+

@@ -59,7 +59,8 @@ def calibration_batches(job: Job) -> list[dict[str, np.ndarray]]:
     return list(batches(examples, job.io["inputs"], 16))
 
 
-def weight_summary(dtypes_bytes: dict[str, int]) -> dict[str, Any]:
+def weight_summary(dtypes_bytes: dict[str, int], measured_on: str) -> dict[str, Any]:
     total = sum(dtypes_bytes.values()) or 1
-    return {"weight_bytes_by_dtype": dict(sorted(dtypes_bytes.items())),
+    return {"weights_measured_on": measured_on,
+            "weight_bytes_by_dtype": dict(sorted(dtypes_bytes.items())),
             "weight_share_by_dtype": {k: round(v / total, 4) for k, v in sorted(dtypes_bytes.items())}}

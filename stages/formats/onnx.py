@@ -170,6 +170,7 @@ def lower(job: Job) -> dict[str, Any]:
         link_or_copy(source, optimised)
     model = onnx.load(str(optimised))
     optimised.unlink()
+    _strip_debug_info(model.graph)
     for key, value in (("precision", job.precision), ("io", json.dumps(job.io))):
         model.metadata_props.add(key=key, value=value)
     artifact = job.workdir / f"model{SUFFIX}"
@@ -180,6 +181,17 @@ def lower(job: Job) -> dict[str, Any]:
         raise PipelineError(f"onnx.checker rejected the model: {first_line(exc)}",
                             fix="see run.log; report the exporter's output as a bug") from exc
     return {"artifact": artifact.name, "external_data": artifact.with_name(artifact.name + ".data").exists()}
+
+
+def _strip_debug_info(graph) -> None:
+    """Drop the exporter's per-node provenance (stack traces, module paths): dead weight in a
+    download, and it would ship the build machine's source paths to every user."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attribute in node.attribute:
+            if attribute.g.node:
+                _strip_debug_info(attribute.g)
 
 
 def _save(model, path: Path) -> None:
@@ -215,7 +227,8 @@ def inspect(artifact: Path) -> dict[str, Any]:
         array = numpy_helper.to_array(tensor, base_dir=str(artifact.parent))
         by_dtype[str(array.dtype)] += array.nbytes
     ops = Counter(n.op_type for n in model.graph.node)
-    return {**weight_summary(dict(by_dtype)), "graph_nodes": sum(ops.values()),
+    return {**weight_summary(dict(by_dtype), "the .onnx file's initializers and constants"),
+            "graph_nodes": sum(ops.values()),
             "quantized_ops": {op: ops[op] for op in QUANTIZED_OPS if ops[op]},
             "quantize_ops": ops["QuantizeLinear"] + ops["DynamicQuantizeLinear"],
             "dequantize_ops": ops["DequantizeLinear"]}

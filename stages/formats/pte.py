@@ -178,7 +178,9 @@ def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     quantize_ops = sum(c for t, c in targets.items() if "quantize_per" in t and "dequantize" not in t)
     dequantize_ops = sum(c for t, c in targets.items() if "dequantize_per" in t)
-    return {**weight_summary(dict(by_dtype)), "quantize_ops": quantize_ops,
+    return {**weight_summary(dict(by_dtype), "the program handed to ExecuTorch lowering "
+                             "(the backend may store some weights wider: see bytes_per_parameter)"),
+            "quantize_ops": quantize_ops,
             "dequantize_ops": dequantize_ops, "graph_nodes": sum(targets.values())}
 
 
