@@ -120,3 +120,22 @@ def test_int8_that_misses_its_tolerance_falls_back_to_fp32_when_allowed(run_tiny
     assert fallback.status == "fallback" and "cosine" in fallback.fallback_reason
     assert fallback.result("quantize")["method"] == "none" and fallback.result("verify")["passed"]
     assert fallback.result("size_audit")["weight_share_by_dtype"].get("float32", 0) > 0.9
+
+
+def test_dynamic_int8_for_both_formats(sweep, demo_checkpoint):
+    """precision=int8_dynamic: int8 weights, activations quantized at run time, no calibration."""
+    root = sweep.parent
+    result = subprocess.run([sys.executable, "run.py", "-m", "precision=int8_dynamic", "format=onnx,pte",
+                             f"cache.dir={root}/cache", f"hydra.sweep.dir={root}/dynamic"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((root / "dynamic" / "matrix.json").read_text())
+    assert {(r["precision"], r["format"], r["status"]) for r in rows} == {
+        ("int8_dynamic", "onnx", "pass"), ("int8_dynamic", "pte", "pass")}
+    images, expected, _ = eager_logits(demo_checkpoint)
+    for row in rows:
+        audit = json.loads((Path(row["job_dir"]) / "report.json").read_text())["parts"][0]["size"]
+        assert audit["weight_share_by_dtype"]["int8"] > 0.5
+        assert audit["quantize_ops"] + audit["dequantize_ops"] > 0
+        actual = run_artifact(Path(row["artifact"]), images)
+        assert (actual.argmax(1) == expected.argmax(1)).mean() >= 0.98
