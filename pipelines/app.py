@@ -1,6 +1,7 @@
 """One job: compose -> run the chain for every part -> report.json, manifest.json, table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
              root["precision"]["name"], root["format"]["name"], _relative(run_dir))
     try:
-        ensure_checkpoint(root["model"], list(hydra.overrides.task), log)
+        ensure_checkpoint(root["model"], list(hydra.overrides.task), Path(root["cache"]["dir"]), log)
         import stages  # noqa: F401  registers the stages; light, no torch
 
         from .runner import Runner
@@ -45,7 +46,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def ensure_checkpoint(model: dict[str, Any], overrides: list[str], log) -> None:
+def ensure_checkpoint(model: dict[str, Any], overrides: list[str], cache_dir: Path, log) -> None:
     """Make a shipped model's checkpoint when it is missing (once, even with parallel jobs), but
     never at a path given with model.checkpoint=: a missing file there is the user's to fix."""
     path = Path(model["checkpoint"])
@@ -55,7 +56,10 @@ def ensure_checkpoint(model: dict[str, Any], overrides: list[str], log) -> None:
     from hydra.utils import get_method
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    locks = cache_dir / "locks"  # beside the cache's own locks, not among the user's checkpoints
+    locks.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with FileLock(str(locks / f"checkpoint-{digest}.lock")):
         if path.exists():
             return
         log.info("making the checkpoint %s with %s", path, model["make_checkpoint"])

@@ -26,7 +26,7 @@ def zoo_config(name: str, *overrides: str):
     checkpoint = ROOT / compose_config(f"model={name}").model.checkpoint
     cfg = compose_config(f"model={name}", f"model.checkpoint={checkpoint}", *overrides)
     ensure_checkpoint({"checkpoint": str(checkpoint), "make_checkpoint": cfg.model.make_checkpoint}, [],
-                      logging.getLogger("test"))
+                      ROOT / "outputs" / "cache", logging.getLogger("test"))
     return cfg
 
 
