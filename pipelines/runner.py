@@ -17,8 +17,8 @@ from .errors import PipelineError, first_line
 from .registry import STAGES, Stage, StageContext, StageOutput
 from .versions import library_versions, module_source_hash, sha256_file
 
-CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "quantize", "lower",
-         "verify", "size_audit")
+CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
+         "lower", "verify", "size_audit")
 # where an INT8 cell may fall back: it failed to quantize, lower or verify, or the audit found
 # its weights mostly not int8 (an operator the quantizer leaves alone, such as an LSTM)
 RETRYABLE_AT_FP32 = ("quantize", "lower", "verify", "size_audit")

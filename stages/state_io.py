@@ -2,7 +2,7 @@
 `state_in_<name>` and outputs `state_out_<name>` that the caller carries from call to call.
 
 Generic: the buffers come from torch.export's graph signature, never from the architecture.
-wrap writes the lifted program to STATE_IO/; quantize `select`s the program a format ships.
+wrap writes the lifted program to STATE_IO/; convert `select`s the program a format ships.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A part whose forward updates buffers is exported twice: as it is (program.pt2, the state kept
 inside) and with the state lifted to inputs and outputs (state_io/program.pt2 and its io.json).
-quantize picks one by `wrap.state` and the format, so wrap runs once per sweep.
+convert picks one by `wrap.state` and the format, so wrap runs once per sweep.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipelines.registry import StageContext, stage
 
 
 @stage("wrap", needs=("load_checkpoint", "clean_state_dict"),
-       config=("model.arch", "model.factory", "part", "wrap.strict_export"),  # wrap.state: quantize
+       config=("model.arch", "model.factory", "part", "wrap.strict_export"),  # wrap.state: convert
        code=("stages.model_builder", "stages.tensors", "stages.state_io", "stages.export_errors"),
        artifacts=("io.json",))
 def run(ctx: StageContext) -> dict:

@@ -118,7 +118,7 @@ def test_a_data_dependent_branch_is_located(run_tiny, tmp_path):
     assert_nothing_cached_for("wrap", tmp_path / "cache")
 
 
-@pytest.mark.parametrize("fmt,stage", [("onnx", "quantize"), ("pte", "lower")])
+@pytest.mark.parametrize("fmt,stage", [("onnx", "convert"), ("pte", "lower")])
 def test_an_operator_the_format_lacks_is_named_with_its_module(fmt, stage, run_tiny, tmp_path):
     run = run_tiny("model.arch._target_=tests.tiny.CustomOpNet", f"format={fmt}")
     assert run.status == "fail" and f"[{stage}]" in run.error, run.error

@@ -51,7 +51,7 @@ def test_second_identical_run_is_all_hits_and_does_no_work(run_tiny, calls):
 def test_changing_one_stage_config_recomputes_it_and_what_follows_not_what_precedes(run_tiny, calls):
     run_tiny("format=pte")
     changed = run_tiny("format=pte", "quantize.per_channel=false")
-    expected_hits = {"load_checkpoint", "clean_state_dict", "wrap", "calibrate"}
+    expected_hits = {"load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert"}
     assert {s for s, hit in hits(changed).items() if hit} == expected_hits
     assert calls["quantize"] == 2 and calls["wrap"] == 1
 

@@ -93,7 +93,7 @@ def test_state_json_names_the_state_and_an_app_can_carry_it(run_stream, checkpoi
 def test_onnx_with_the_state_dropped_is_refused(run_stream):
     run, _ = run_stream("format=onnx", "wrap.state=internal")
     assert run.status == "fail"
-    assert "[quantize]" in run.error and "silently wrong" in run.error
+    assert "[convert]" in run.error and "silently wrong" in run.error
     assert "fix: use wrap.state=io" in run.error
 
 

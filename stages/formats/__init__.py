@@ -4,7 +4,9 @@ Each backend module defines:
     SUFFIX                                   the deployable file's extension
     KEEPS_STATE                              whether the runtime keeps mutable buffers between
                                              calls (else a part's state must be inputs/outputs)
-    quantize(job) -> dict                    precision applied in the IR this runtime quantizes in
+    convert(job) -> dict                     the wrapped program in the IR this runtime quantizes
+                                             in, at fp32 (done once per format for a sweep)
+    quantize(job) -> dict                    precision applied to convert's output
     lower(job) -> dict                       the deployable file (+ program stats) in job.workdir
     load(artifact: Path) -> Callable         runs the artifact in its real runtime:
                                              fn({input name: array}) -> [output arrays]
@@ -27,7 +29,7 @@ import numpy as np
 
 @dataclass
 class Job:
-    """What quantize and lower get from their stage: inputs, config and where to write."""
+    """What convert, quantize and lower get from their stage: inputs, config, where to write."""
 
     source: Path  # the upstream stage's files
     io: dict[str, Any]  # input specs and output names (wrap's io.json)

@@ -22,22 +22,25 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 TWO_GB = 2 * 1024**3
 
 
+def convert(job: Job) -> dict[str, Any]:
+    """The wrapped program as an FP32 ONNX graph: the one every precision starts from."""
+    _export(job, job.workdir / GRAPH)
+    return {"method": f"torch.onnx dynamo export, opset {job.fmt.opset}"}
+
+
 def quantize(job: Job) -> dict[str, Any]:
-    """Export the program to an FP32 ONNX graph, then apply the precision to that graph."""
-    fp32 = job.workdir / GRAPH if job.precision == "fp32" else job.workdir.parent / "fp32.onnx"
-    _export(job, fp32)
+    """The precision applied to convert's FP32 graph with ONNX Runtime's own tools."""
+    source, target = job.source / GRAPH, job.workdir / GRAPH
     if job.precision == "fp32":
+        for path in job.source.glob(GRAPH + "*"):  # the graph, and its external data if any
+            link_or_copy(path, job.workdir / path.name)
         return {"method": "none"}
-    target = job.workdir / GRAPH
     if job.precision == "fp16":
-        method = _to_float16(fp32, target)
+        method = _to_float16(source, target)
     elif job.precision == "int8":
-        method = _quantize_static(fp32, target, job)
+        method = _quantize_static(source, target, job)
     else:
-        method = _quantize_dynamic(fp32, target, job)
-    fp32.unlink()
-    for side in fp32.parent.glob(fp32.name + ".data"):
-        side.unlink()
+        method = _quantize_dynamic(source, target, job)
     return {"method": method}
 
 
@@ -107,7 +110,7 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         from ..streaming import carry
 
         feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
-    prepared = _pre_processed(source)
+    prepared = _pre_processed(source, target.parent)
     method = job.quantize.calibrate_method
     quantize_static(str(prepared), str(target), Reader(feeds),
                     nodes_to_exclude=_state_nodes(prepared, job.io),
@@ -132,20 +135,20 @@ def _state_nodes(model: Path, io: dict[str, Any]) -> list[str]:
 def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    prepared = _pre_processed(source)
+    prepared = _pre_processed(source, target.parent)
     quantize_dynamic(str(prepared), str(target), per_channel=job.quantize.per_channel,
                      weight_type=QuantType.QInt8)
     prepared.unlink()
     return "ORT dynamic int8 weights"
 
 
-def _pre_processed(source: Path) -> Path:
+def _pre_processed(source: Path, workdir: Path) -> Path:
     """ORT's recommended preparation: shape inference and graph clean-up before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import onnx
 
-    prepared = source.with_name("prepared.onnx")
+    prepared = workdir / "prepared.onnx"  # never beside source: that is convert's cache entry
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     model = onnx.load(str(prepared))
     del model.graph.value_info[:]  # stale shapes left by the exporter trip ORT's re-inference

@@ -22,6 +22,12 @@ KEEPS_STATE = True  # mutable buffers live in the method between execute() calls
 PROGRAM = "program.pt2"
 
 
+def convert(job: Job) -> dict[str, Any]:
+    """The ExportedProgram is already ExecuTorch's input IR: passed through."""
+    link_or_copy(job.source / PROGRAM, job.workdir / PROGRAM)
+    return {"method": "the ExportedProgram as it is"}
+
+
 def quantize(job: Job) -> dict[str, Any]:
     source = job.source / PROGRAM
     if job.precision == "fp32":
