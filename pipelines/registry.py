@@ -36,11 +36,16 @@ class StageContext:
 class Stage:
     name: str
     fn: Callable[[StageContext], dict[str, Any]]
-    needs: tuple[str, ...]  # upstream stages whose outputs this one reads
+    # upstream stages whose outputs this one reads; a function of the stage's config view when
+    # that depends on the config (quantize reads calibration only at int8)
+    needs: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]
     config: tuple[str, ...]  # dotted config paths this stage reads (and is keyed on)
     code: tuple[str, ...]  # modules besides its own whose source versions it
     reads: Callable[[DictConfig], list[str]] | None = None  # outside files hashed into the key
     artifacts: tuple[str, ...] = field(default=())  # globs of its files copied into the run's artifacts/
+
+    def needs_for(self, view: dict[str, Any]) -> tuple[str, ...]:
+        return self.needs(view) if callable(self.needs) else self.needs
 
     def code_version(self) -> str:
         modules = (self.fn.__module__, *self.code)
@@ -50,7 +55,8 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 
-def stage(name: str, *, needs: tuple[str, ...] = (), config: tuple[str, ...] = (),
+def stage(name: str, *, needs: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (),
+          config: tuple[str, ...] = (),
           code: tuple[str, ...] = (), reads: Callable[[DictConfig], list[str]] | None = None,
           artifacts: tuple[str, ...] = ()):
     """Register `fn(ctx) -> result dict` as a pipeline stage."""

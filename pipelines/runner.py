@@ -139,17 +139,18 @@ class Runner:
 
     def _run_stage(self, stage: Stage, root: dict[str, Any], run: PartRun) -> None:
         view = config_view(root, stage.config)
+        needs = stage.needs_for(view)
         material = {
             "stage": stage.name,
             "code": stage.code_version() + referenced_code(view),
             "config": view,
-            "inputs": {need: run.outputs[need].key for need in stage.needs},
+            "inputs": {need: run.outputs[need].key for need in needs},
             "libraries": library_versions(),
             "files": {path: sha256_file(Path(path)) for path in
                       (stage.reads(view) if stage.reads else []) if Path(path).is_file()},
         }
         key = compute_key(material)
-        inputs = {need: run.outputs[need] for need in stage.needs}
+        inputs = {need: run.outputs[need] for need in needs}
         started = time.monotonic()
         output, hit = self._cached_call(stage, key, material, view, inputs, run.part)
         seconds = time.monotonic() - started

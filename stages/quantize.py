@@ -13,14 +13,20 @@ from pipelines.registry import StageContext, stage
 from .formats import Job, backend
 
 
-@stage("quantize", needs=("convert", "calibrate"), config=("precision.name", "format", "quantize"),
+def _needs(view) -> tuple[str, ...]:
+    """Calibration data only where it is used: int8 (dynamic int8 traces one batch of it)."""
+    return ("convert", "calibrate") if view["precision"]["name"].startswith("int8") else ("convert",)
+
+
+@stage("quantize", needs=_needs, config=("precision.name", "format", "quantize"),
        code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.state_io",
              "stages.streaming"))
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())
+    calibration = ctx.inputs.get("calibrate")
     job = Job(converted, io, ctx.cfg.precision.name, ctx.cfg.format, ctx.cfg.quantize,
-              ctx.input("calibrate").dir / "calibration.npz", ctx.workdir)
+              calibration.dir / "calibration.npz" if calibration else None, ctx.workdir)
     result = backend(ctx.cfg.format.name).quantize(job)
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
     return {**result, "summary": result["method"] if result["method"] != "none" else "fp32: unchanged"}

@@ -118,3 +118,15 @@ def test_lookup_rejects_entry_json_for_another_key(tmp_path):
     assert cache.lookup("ab" * 32) is not None
     Path(entry.files.parent, "entry.json").write_text('{"key": "other"}')
     assert cache.lookup("ab" * 32) is None
+
+
+def test_calibration_changes_recompute_only_the_cells_that_use_it(run_tiny, calls):
+    """fp32 never reads calibration data: a new calibration leaves its quantize entry alone;
+    int8 reads it, so its quantize runs again."""
+    run_tiny()
+    fp32 = run_tiny("calibration.samples=16")
+    assert [s for s, hit in hits(fp32).items() if not hit] == ["calibrate"]
+    run_tiny("precision=int8")
+    int8 = run_tiny("precision=int8", "calibration.samples=16")
+    # the samples=16 calibration entry was made by the fp32 run above and is shared
+    assert {s for s, hit in hits(int8).items() if not hit} == {"quantize", "lower", "verify", "size_audit"}

@@ -36,7 +36,7 @@ class Job:
     precision: str
     fmt: Any  # the format config node
     quantize: Any  # the quantize config node (None for lower)
-    calibration: Path | None  # calibration.npz (quantize only)
+    calibration: Path | None  # calibration.npz (quantize at int8 only)
     workdir: Path
 
 
