@@ -9,11 +9,13 @@ class PipelineError(Exception):
     exits non-zero, and stores nothing in the cache for the failing stage.
     """
 
-    def __init__(self, message: str, *, fix: str = "", stage: str | None = None):
+    def __init__(self, message: str, *, fix: str = "", stage: str | None = None,
+                 module: str | None = None):
         super().__init__(message)
         self.message = message
         self.fix = fix
         self.stage = stage
+        self.module = module  # the model's module it broke on, when known (blocks.0.norm)
 
     def __str__(self) -> str:
         where = f"[{self.stage}] " if self.stage else ""
@@ -23,6 +25,14 @@ class PipelineError(Exception):
 
 class VerificationFailed(PipelineError):
     """The artifact ran but does not match PyTorch within the configured tolerance."""
+
+
+def root_cause(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of the innermost exception a chain wraps (Hydra's "Error in call to
+    target ..." hides the TypeError that says what went wrong)."""
+    while exc.__cause__ is not None and exc.__cause__ is not exc:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -46,13 +46,15 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             rows.append({
                 "model": job["model"], "part": part["part"], "precision": job["precision"],
                 "format": job["format"], "status": part["status"],
-                "error": part.get("error") or part.get("fallback_reason"),
-                "warnings": part.get("warnings", []),
+                "error": part.get("error") or part.get("repair"),
+                "warnings": part.get("warnings", []), "float_layers": part.get("float_layers", []),
                 "file_bytes": size.get("file_bytes"), "compressed_bytes": size.get("compressed_bytes"),
                 "max_abs": max((o["max_abs"] for o in outputs), default=None),
                 "cosine": min((o["cosine"] for o in outputs), default=None),
                 "accuracy_eager": acc.get("eager"), "accuracy": acc.get("artifact"),
-                "top1_agreement": acc.get("top1_agreement"), "seconds": part.get("seconds"),
+                "top1_agreement": min([*(verify.get("top1_agreement") or {}).values(),
+                                       *([acc["top1_agreement"]] if acc else [])], default=None),
+                "seconds": part.get("seconds"),
                 "artifact": part.get("artifact"), "job_dir": str(path.parent),
             })
     fp32 = {(r["model"], r["part"], r["format"]): r["file_bytes"] for r in rows
@@ -113,7 +115,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     points = [r for r in rows if r["file_bytes"] and r["max_abs"] is not None]
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colours = {"pass": "tab:green", "fallback": "tab:orange", "fail": "tab:red"}
+    colours = {"pass": "tab:green", "mixed": "tab:olive", "fallback": "tab:orange", "fail": "tab:red"}
     for r in points:
         axes.scatter(r["file_bytes"] / 1024, max(r["max_abs"], 1e-9), color=colours[r["status"]])
         axes.annotate(f"{r['part']} {r['precision']} {r['format']}",
@@ -123,7 +125,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("artifact size (KiB)")
     axes.set_ylabel("worst max abs error vs eager PyTorch")
-    axes.set_title("size vs fidelity (green pass, orange fallback, red fail)")
+    axes.set_title("size vs fidelity (green pass, olive mixed, orange fallback, red fail)")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .runner import PartRun
-from .versions import git_commit, library_versions, sha256_file
+from .versions import git_commit, host_cpu, library_versions, sha256_file
 
 SIZE_UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 
@@ -28,7 +28,8 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
     artifact = run_dir / "artifacts" / run.part / lower["artifact"] if lower else None
     return {
         "part": run.part, "status": run.status, "error": run.error,
-        "fallback_reason": run.fallback_reason,
+        "repair": run.fallback_reason or _mixed_reason(run, size),  # what quantize.on_failure did
+        "float_layers": run.float_layers, "attempts": run.attempts,
         "artifact": str(artifact) if artifact and artifact.exists() else None,
         "quantization": run.result("quantize").get("method"),
         "warnings": [w for stage in ("lower", "size_audit") for w in run.result(stage).get("warnings", [])],
@@ -38,10 +39,26 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _mixed_reason(run: PartRun, size: dict[str, Any]) -> str | None:
+    """What keeping layers float bought and cost, for a cell quantize.on_failure=mixed repaired."""
+    if run.status != "mixed":
+        return None
+    first = next((a for a in run.attempts if a.get("bytes")), None)
+    change = size.get("file_bytes", 0) - first["bytes"] if first else 0
+    cost = (f" ({'+' if change >= 0 else '-'}{human_bytes(abs(change))} against the "
+            f"{human_bytes(first['bytes'])} all-{first['precision']} build)"
+            if first and size.get("file_bytes") else "")
+    return (f"kept float: {', '.join(run.float_layers)}{cost}; "
+            f"first attempt failed: [{run.attempts[0]['stage']}] {run.attempts[0]['reason']}")
+
+
+STATUS_ORDER = ("fail", "fallback", "mixed", "pass")  # a run takes its worst part's status
+
+
 def run_report(root: dict[str, Any], runs: list[PartRun], run_dir: Path, seconds: float) -> dict[str, Any]:
     parts = [part_report(run, run_dir) for run in runs]
     statuses = {p["status"] for p in parts}
-    status = "fail" if "fail" in statuses else "fallback" if "fallback" in statuses else "pass"
+    status = next(s for s in STATUS_ORDER if s in statuses or s == "pass")
     return {"recipe": root["recipe"], "model": root["model"]["name"],
             "precision": root["precision"]["name"], "format": root["format"]["name"],
             "status": status, "seconds": round(seconds, 3), "run_dir": str(run_dir), "parts": parts}
@@ -52,7 +69,7 @@ def manifest(root: dict[str, Any], runs: list[PartRun], run_dir: Path, overrides
     checkpoint = root["model"]["checkpoint"]
     files = next((r.files for run in runs for r in run.records if r.stage == "load_checkpoint"), {})
     return {
-        "python": platform.python_version(), "packages": library_versions(),
+        "python": platform.python_version(), "packages": library_versions(), "host_cpu": host_cpu(),
         "git_commit": git_commit(Path(__file__).resolve().parent.parent),
         "command": sys.argv, "overrides": overrides,
         "checkpoint": {"path": checkpoint, "sha256": files.get(checkpoint)},
@@ -91,8 +108,8 @@ def summary_table(report: dict[str, Any]) -> str:
     title = (f"{report['model']}  {report['precision']} -> {report['format']}  "
              f"(recipe {report['recipe']}): {report['status'].upper()}   "
              f"{_relative(report['run_dir'], str(Path.cwd()))}")
-    notes = [f"  {p['part']}: {p['error'] or p['fallback_reason']}" for p in report["parts"]
-             if p["error"] or p["fallback_reason"]]
+    notes = [f"  {p['part']}: {p['error'] or p['repair']}" for p in report["parts"]
+             if p["error"] or p["repair"]]
     notes += [f"  {p['part']}: warning: {w}" for p in report["parts"] for w in p["warnings"]]
     return "\n".join([title, table(rows, header), *notes])
 

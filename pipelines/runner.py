@@ -13,15 +13,13 @@ from omegaconf import OmegaConf
 
 from . import logs
 from .cache import Cache, compute_key
-from .errors import PipelineError, first_line
+from .errors import PipelineError, root_cause
 from .registry import STAGES, Stage, StageContext, StageOutput
+from .repair import repair
 from .versions import library_versions, module_source_hash, sha256_file
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
          "lower", "verify", "size_audit")
-# where an INT8 cell may fall back: it failed to quantize, lower or verify, or the audit found
-# its weights mostly not int8 (an operator the quantizer leaves alone, such as an LSTM)
-RETRYABLE_AT_FP32 = ("quantize", "lower", "verify", "size_audit")
 
 
 @dataclass
@@ -37,9 +35,11 @@ class StageRecord:
 @dataclass
 class PartRun:
     part: str
-    status: str = "pass"  # pass | fail | fallback
+    status: str = "pass"  # pass | mixed (layers kept float) | fallback (fp32) | fail
     error: str | None = None
     fallback_reason: str | None = None
+    float_layers: list[str] = field(default_factory=list)  # kept at fp32 by quantize.on_failure=mixed
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the builds that failed before
     records: list[StageRecord] = field(default_factory=list)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
 
@@ -93,7 +93,7 @@ class Runner:
         self.run_dir = run_dir
         self.log = log
         cache_cfg = self.root["cache"]
-        self.cache = Cache(Path(cache_cfg["dir"]).resolve()) if cache_cfg["enabled"] else None
+        self.cache = Cache(Path(cache_cfg["dir"]), cache_cfg["verify"]) if cache_cfg["enabled"] else None
         self.refresh = set(cache_cfg["refresh"])
         unknown = self.refresh - set(STAGES)
         if unknown:
@@ -106,6 +106,7 @@ class Runner:
     def run_part(self, part: dict[str, Any]) -> PartRun:
         run = PartRun(part["name"])
         root = {**self.root, "part": part}
+        run.float_layers = list(root["quantize"]["keep_float"])
         self.log.info("%s:", part["name"])
         index = 0
         while index < len(CHAIN):
@@ -117,13 +118,8 @@ class Runner:
                     raise PipelineError(verdict["reason"], stage=name)
             except PipelineError as exc:
                 exc.stage = exc.stage or name
-                if self._may_fall_back(root, run, name):
-                    self.log.info("  %s at %s failed (%s): falling back to fp32", name,
-                                  root["precision"]["name"], exc.message)
-                    run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
-                    root["precision"] = {"name": "fp32",
-                                         "tolerance": root["quantize"]["fallback_tolerance"]}
-                    index = CHAIN.index("quantize")
+                if run.status != "fail" and repair(root, run, name, exc, self.log):
+                    index = CHAIN.index("quantize")  # rebuild from quantize (pipelines/repair.py)
                     continue
                 if run.status != "fail":
                     run.status, run.error = "fail", str(exc)
@@ -131,11 +127,6 @@ class Runner:
                     return run  # nothing to go on with; a judged artifact still gets its audit
             index += 1
         return run
-
-    def _may_fall_back(self, root: dict[str, Any], run: PartRun, failed: str) -> bool:
-        """An INT8 cell that failed a RETRYABLE_AT_FP32 stage may be rebuilt at FP32."""
-        return (failed in RETRYABLE_AT_FP32 and root["precision"]["name"].startswith("int8")
-                and root["quantize"]["on_failure"] == "fp32" and run.status != "fallback")
 
     def _run_stage(self, stage: Stage, root: dict[str, Any], run: PartRun) -> None:
         view = config_view(root, stage.config)
@@ -167,20 +158,20 @@ class Runner:
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
             return StageOutput(key, workdir, self._call(stage, view, inputs, workdir, part)), False
-        with self.cache.lock(key):
-            entry = None if stage.name in self.refresh else self.cache.lookup(key)
+        fresh = stage.name in self.refresh
+        entry = None if fresh else self.cache.lookup(key)  # no lock: an entry in place is whole
+        if entry is not None:
+            return StageOutput(key, entry.files, entry.result), True
+        with self.cache.lock(key):  # a miss: compute once, whoever waited here then hits
+            entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
                 return StageOutput(key, entry.files, entry.result), True
-            tmp = self.cache.new_workdir()
-            started = time.monotonic()
-            try:
+            with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
+                started = time.monotonic()
                 result = self._call(stage, view, inputs, tmp / "files", part)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            meta = {"stage": stage.name, "material": material, "result": result,
-                    "seconds": time.monotonic() - started}
-            entry = self.cache.commit(key, tmp, meta)
+                meta = {"stage": stage.name, "material": material, "result": result,
+                        "seconds": time.monotonic() - started}
+                entry = self.cache.commit(key, tmp, meta)
             return StageOutput(key, entry.files, result), False
 
     def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> dict[str, Any]:
@@ -194,7 +185,7 @@ class Runner:
         except Exception as exc:  # a library failure: full traceback to the log, one line here
             logging.getLogger(__name__).error("stage %s failed:\n%s", stage.name,
                                               traceback.format_exc())
-            raise PipelineError(f"{type(exc).__name__}: {first_line(exc)}", stage=stage.name,
+            raise PipelineError(root_cause(exc), stage=stage.name, module=getattr(exc, "module", None),
                                 fix=f"see {self.run_dir / 'run.log'} for the full traceback") from exc
 
     def _copy_artifacts(self, stage: Stage, directory: Path, part: str) -> None:

@@ -46,14 +46,29 @@ class CalibrateMethod(str, Enum):
 
 
 class OnFailure(str, Enum):
-    error = "error"
-    fp32 = "fp32"
+    error = "error"  # the cell fails
+    fp32 = "fp32"  # rebuild the whole cell at fp32
+    mixed = "mixed"  # keep the layers that break at higher precision, then fp32 as the last resort
+
+
+class Isa(str, Enum):
+    """The instruction sets an artifact's runtime executes on."""
+
+    x86_64 = "x86_64"
+    arm64 = "arm64"
+    wasm32 = "wasm32"  # onnxruntime-web's WebAssembly build, in a browser
 
 
 class StateMode(str, Enum):
     auto = "auto"  # io for formats without mutable state (onnx), internal for the others (pte)
     io = "io"  # state as explicit inputs state_in_* and outputs state_out_*
     internal = "internal"  # mutable buffers kept inside the program
+
+
+class Diagnose(str, Enum):
+    never = "never"
+    on_failure = "on_failure"  # name the layers when a cell breaches its tolerance
+    always = "always"  # per-layer errors in every verify.json
 
 
 class StreamSignal(str, Enum):
@@ -80,7 +95,7 @@ class TensorSpec:
     dtype: DType = DType.float32
     dynamic: Dict[int, str] = field(default_factory=dict)  # dim index -> dim name, e.g. {0: batch}
     kwarg: Optional[str] = None  # the module's keyword argument this input feeds
-    low: float = -1.0  # synthetic values are drawn in [low, high)
+    low: float = -1.0  # synthetic values are drawn in [low, high), integers too (high = vocab size)
     high: float = 1.0
     max: int = 1024  # upper bound of its dynamic dims (ExecuTorch plans memory for it)
     length_of: Optional[LengthOf] = None  # an integer input holding another input's valid length
@@ -117,6 +132,9 @@ class PartConfig:
     method: str = "forward"  # the method to export
     inputs: List[TensorSpec] = MISSING
     outputs: List[str] = MISSING
+    # outputs that are scores over classes (last dim): verify judges their top-1 agreement with
+    # eager, labels or not; null = the outputs named like logits/scores/probs
+    scores: Optional[List[str]] = None
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
     state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}
@@ -171,10 +189,20 @@ class FormatConfig:
 
 
 @dataclass
+class TargetConfig:
+    """Where the artifact will run: it decides how INT8 is built, not the build machine's CPU."""
+
+    name: str = MISSING  # server | web | android
+    isa: List[Isa] = MISSING  # every CPU family the artifact may meet
+
+
+@dataclass
 class QuantizeConfig:
     on_failure: OnFailure = OnFailure.error
     calibrate_method: CalibrateMethod = CalibrateMethod.MinMax
     per_channel: bool = True
+    keep_float: List[str] = field(default_factory=list)  # module paths left at fp32 (e.g. head)
+    max_float_layers: int = 8  # on_failure=mixed: layers it may keep float before falling back
     fallback_tolerance: Tolerance = field(default_factory=Tolerance)  # for a cell that fell back
 
 
@@ -192,7 +220,7 @@ class StreamConfig:
     """The deterministic signal a stateful part is verified on, chunk by chunk; unused otherwise.
 
     Float inputs get the signal along their last axis, continuing across chunks; integer inputs
-    get seeded values in the spec's [low, high].
+    get seeded values in the spec's [low, high).
     """
 
     chunks: int = 24
@@ -209,6 +237,7 @@ class VerifyConfig:
     samples: int = 64  # held-out inputs when the model has no eval_data
     batch_size: int = 16
     seed: int = 1234  # differs from calibration's seed: verification never sees calibration inputs
+    diagnose: Diagnose = Diagnose.on_failure  # per-layer errors vs eager (stages/diagnose.py)
     stream: StreamConfig = field(default_factory=StreamConfig)  # parts with state
 
 
@@ -218,11 +247,17 @@ class WrapConfig:
     strict_export: bool = False  # torch.export strict mode
 
 
+class CacheVerify(str, Enum):
+    stat = "stat"  # trust a file whose size, mtime and inode are as sealed; hash the others
+    full = "full"  # hash every file of every hit (catches changes that restored the mtime)
+
+
 @dataclass
 class CacheConfig:
     enabled: bool = True
     dir: str = "outputs/cache"  # relative to the launch directory; shared by every sweep job
     refresh: List[str] = field(default_factory=list)  # stage names to recompute
+    verify: CacheVerify = CacheVerify.stat
 
 
 @dataclass
@@ -230,6 +265,7 @@ class RootConfig:
     model: ModelConfig = MISSING
     precision: PrecisionConfig = MISSING
     format: FormatConfig = MISSING
+    target: TargetConfig = MISSING
     calibration: CalibrationConfig = MISSING
     verify: VerifyConfig = MISSING
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

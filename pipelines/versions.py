@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import platform
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -56,3 +57,38 @@ def git_commit(cwd: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+CPU_FEATURES = {  # what the numbers of int8 and fp16 kernels depend on, by flag in /proc/cpuinfo
+    "vnni": ("avx512_vnni", "avx_vnni", "asimddp"),  # int8 dot products without int16 saturation
+    "avx2": ("avx2",),
+    "avx512": ("avx512f",),
+    "fp16": ("avx512_fp16", "asimdhp"),  # native half-precision arithmetic
+    "f16c": ("f16c",),  # half <-> float conversion only
+}
+
+
+@lru_cache(maxsize=None)
+def host_cpu() -> dict[str, object]:
+    """The build machine's CPU, recorded in the manifest: no verdict may depend on it, but a
+    number measured on it (a latency, a native int8 kernel's output) is only read with it."""
+    flags: set[str] = set()
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+            elif key.strip() in ("model name", "CPU part") and not model:
+                model = value.strip()
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model or platform.processor() or "unknown",
+            "cores": _cores(),
+            **{name: any(f in flags for f in names) for name, names in CPU_FEATURES.items()}}
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, root_cause
 from pipelines.registry import StageContext, stage
 
 from .tensors import as_examples, dataset_files, synthetic_examples
@@ -69,5 +69,11 @@ def _from_dataset(dataset, specs, cfg) -> tuple[dict[str, np.ndarray], str]:
                                 "calibration_data: {_target_: ...} to the part")
     from hydra.utils import instantiate
 
-    arrays = instantiate(dataset, samples=cfg.samples, seed=cfg.seed)
+    try:
+        arrays = instantiate(dataset, samples=cfg.samples, seed=cfg.seed)
+    except Exception as exc:
+        raise PipelineError(f"calibration_data {dataset['_target_']} failed: {root_cause(exc)}",
+                            fix=f"it is called as {dataset['_target_']}(samples={cfg.samples}, "
+                                f"seed={cfg.seed}, <its other config keys>) and returns "
+                                "{input name: array}; accept samples and seed (or **kwargs)") from exc
     return as_examples(arrays, specs, dataset["_target_"]), dataset["_target_"]

@@ -13,30 +13,52 @@ import logging
 import re
 from typing import Any, Mapping
 
-from pipelines.errors import PipelineError, first_line
+from pipelines.errors import PipelineError, first_line, root_cause
 
 USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
 
 
 def check_inputs(module, example: tuple, specs: list[Mapping[str, Any]], part: str) -> None:
-    """Run the part once on the example inputs; a failure here is the specs' fault. Buffers
-    that forward updates (a streaming model's state) are put back as they were."""
+    """Run the part once on the example inputs, then once with each integer input at each end of
+    its synthetic range; a failure here is the specs' fault (an input of the wrong rank, token
+    ids past the vocabulary), told before calibration or verification meets it. Buffers that
+    forward updates (a streaming model's state) are put back as they were."""
     import torch
 
     buffers = {name: value.clone() for name, value in module.named_buffers()}
-    try:
+
+    def run(inputs: tuple) -> None:
         with torch.no_grad():
-            module(*example)
+            module(*inputs)
             for name, value in buffers.items():
                 module.get_buffer(name).copy_(value)
+
+    try:
+        run(example)
     except PipelineError:
         raise
     except Exception as exc:
         raise PipelineError(
             f"part '{part}' does not accept inputs built from its input specs "
-            f"({_describe(specs, example)}): {type(exc).__name__}: {first_line(exc)}",
+            f"({_describe(specs, example)}): {root_cause(exc)}",
             fix="make each input spec's shape (rank), dtype and kwarg match what the module's "
                 "forward expects") from exc
+    for index, spec in enumerate(specs):
+        if spec.get("length_of") or spec["dtype"] not in ("int64", "int32"):
+            continue
+        from .tensors import integer_range
+
+        for value in integer_range(spec)[0], integer_range(spec)[1] - 1:
+            inputs = (*example[:index], torch.full_like(example[index], value), *example[index + 1:])
+            try:
+                run(inputs)
+            except Exception as exc:
+                low, high = integer_range(spec)
+                raise PipelineError(
+                    f"part '{part}': input '{spec['name']}' draws integers in [low, high) = "
+                    f"[{low}, {high}), and the model rejects {value}: {root_cause(exc)}",
+                    fix=f"set the spec's low/high to the values the model takes (high is "
+                        f"excluded: high = vocab_size for token ids)") from exc
 
 
 def capture_failure(exc: Exception, module, part: str) -> PipelineError:
@@ -86,6 +108,38 @@ def lowering_failure(step: str, exc: Exception, program) -> PipelineError:
                          fix="replace the operator in the model, give it an implementation for "
                              "this format, or export a part that does not contain it; the full "
                              "error is in run.log")
+
+
+def quantizer_failure(exc: Exception) -> PipelineError:
+    """A quantizer's own error, with the graph node (and its module) it was working on: the
+    innermost frame of the traceback holding a `node` (an ONNX NodeProto or a torch.fx Node)."""
+    logging.getLogger(__name__).error("quantization failed", exc_info=exc)  # run.log only
+    node, module = _node_in_traceback(exc)
+    where = ""
+    if node is not None:
+        op = getattr(node, "op_type", None) or str(getattr(node, "target", "?"))
+        where = f" at {op} node '{node.name}'" + (f" of {module}" if module else "")
+    return PipelineError(f"quantization failed{where}: {root_cause(exc)}", module=module,
+                         fix="keep that layer float (quantize.keep_float=[<module>], or "
+                             "quantize.on_failure=mixed does it), or quantize.on_failure=fp32; "
+                             "the full error is in run.log")
+
+
+def _node_in_traceback(exc: BaseException) -> tuple[Any, str | None]:
+    import torch
+
+    from .formats import fx_graph, onnx_graph
+
+    found, traceback = None, exc.__traceback__
+    while traceback is not None:
+        candidate = traceback.tb_frame.f_locals.get("node")
+        if isinstance(candidate, torch.fx.Node) or hasattr(candidate, "op_type"):
+            found = candidate
+        traceback = traceback.tb_next
+    if found is None:
+        return None, None
+    paths = fx_graph.module_paths(found) if isinstance(found, torch.fx.Node) else onnx_graph.module_paths(found)
+    return found, (paths[-1] if paths else None)
 
 
 def _named_nodes(text: str, program) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ from .formats import Job, backend
 
 
 @stage("lower", needs=("quantize",), config=("precision.name", "format"),
-       code=("stages.formats",), artifacts=("model.*", "io.json", "state.json"))
+       code=("stages.formats", "stages.upstream"), artifacts=("model.*", "io.json", "state.json"))
 def run(ctx: StageContext) -> dict:
     quantized = ctx.input("quantize").dir
     io = json.loads((quantized / "io.json").read_text())  # the program quantize picked

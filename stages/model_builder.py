@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, root_cause
 
 from .tensors import export_shapes, synthetic
 
@@ -34,7 +34,7 @@ def build_model(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, An
         try:
             model = instantiate(arch)
         except Exception as exc:  # hydra wraps the constructor's own error
-            raise PipelineError(f"model.arch: cannot build {arch.get('_target_')}: {exc}",
+            raise PipelineError(f"model.arch: cannot build {arch.get('_target_')}: {root_cause(exc)}",
                                 fix="check model.arch._target_ and its arguments") from exc
     elif factory:
         if not checkpoint_config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
 from .formats import Job, backend
@@ -18,15 +19,22 @@ def _needs(view) -> tuple[str, ...]:
     return ("convert", "calibrate") if view["precision"]["name"].startswith("int8") else ("convert",)
 
 
-@stage("quantize", needs=_needs, config=("precision.name", "format", "quantize"),
+@stage("quantize", needs=_needs, config=("precision.name", "format", "quantize", "target"),
        code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.state_io",
-             "stages.streaming"))
+             "stages.streaming", "stages.export_errors", "stages.upstream"))
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())
     calibration = ctx.inputs.get("calibrate")
     job = Job(converted, io, ctx.cfg.precision.name, ctx.cfg.format, ctx.cfg.quantize,
-              calibration.dir / "calibration.npz" if calibration else None, ctx.workdir)
-    result = backend(ctx.cfg.format.name).quantize(job)
+              calibration.dir / "calibration.npz" if calibration else None, ctx.workdir, ctx.cfg.target)
+    try:
+        result = backend(ctx.cfg.format.name).quantize(job)
+    except PipelineError:
+        raise
+    except Exception as exc:  # the quantizer's own error: name the node and module it broke on
+        from .export_errors import quantizer_failure
+
+        raise quantizer_failure(exc) from exc
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
     return {**result, "summary": result["method"] if result["method"] != "none" else "fp32: unchanged"}

@@ -10,7 +10,8 @@ from pipelines.registry import StageContext, stage
 from .formats import backend
 
 
-@stage("size_audit", needs=("wrap", "lower"), config=("precision.name", "format.name"),
+@stage("size_audit", needs=("wrap", "lower"),
+       config=("precision.name", "format.name", "quantize.keep_float"),
        code=("stages.formats",), artifacts=("size_audit.json",))
 def run(ctx: StageContext) -> dict:
     lower = ctx.input("lower")
@@ -31,7 +32,10 @@ def run(ctx: StageContext) -> dict:
         **inspection,
     }
     report["bytes_per_parameter"] = round(file_bytes / max(parameters, 1), 3)
-    report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection)
+    kept = kept_parameters(ctx.input("wrap").dir / "modules.json", list(ctx.cfg.quantize.keep_float))
+    if kept:
+        report["kept_float_parameters"] = kept
+    report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection, kept * 4)
     report["warnings"] = []
     if report["passed"]:
         report["passed"], report["reason"], report["warnings"] = check_file(
@@ -45,13 +49,27 @@ def run(ctx: StageContext) -> dict:
     return report
 
 
-def check_precision(precision: str, inspection: dict[str, Any]) -> tuple[bool, str]:
-    """An int8 artifact must hold int8 weights and quantization ops; an fp16 one, fp16 weights."""
+def kept_parameters(modules_json, keep: list[str]) -> int:
+    """Weights of the modules kept float (a module inside another kept one counted once)."""
+    if not keep:
+        return 0
+    modules = json.loads(modules_json.read_text())
+    outer = [k for k in keep if not any(k.startswith(o + ".") for o in keep if o != k)]
+    return sum(modules.get(path, {}).get("parameters", 0) for path in set(outer))
+
+
+def check_precision(precision: str, inspection: dict[str, Any], kept_float_bytes: int = 0) -> tuple[bool, str]:
+    """An int8 artifact must hold int8 weights and quantization ops (in all but the layers it
+    keeps float on purpose); an fp16 one, fp16 weights."""
     share = inspection["weight_share_by_dtype"]
     if precision in ("int8", "int8_dynamic"):
-        if share.get("int8", 0) + share.get("uint8", 0) < 0.5:
-            return False, f"precision {precision} but int8 holds only {share.get('int8', 0):.0%} " \
-                          f"of the weight bytes ({share})"
+        weights = inspection["weight_bytes_by_dtype"]
+        int8 = weights.get("int8", 0) + weights.get("uint8", 0)
+        quantizable = sum(weights.values()) - kept_float_bytes
+        if int8 < 0.5 * quantizable:
+            kept = f" besides the {kept_float_bytes:,} bytes kept float" if kept_float_bytes else ""
+            return False, f"precision {precision} but int8 holds only {int8 / max(quantizable, 1):.0%} " \
+                          f"of the weight bytes{kept} ({share})"
         if inspection["quantize_ops"] + inspection["dequantize_ops"] == 0 and \
                 not inspection.get("quantized_ops"):
             return False, f"precision {precision} but the graph has no quantization ops"

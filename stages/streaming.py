@@ -13,7 +13,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 
-from .tensors import NUMPY_DTYPES
+from .tensors import NUMPY_DTYPES, integer_range
 
 Step = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in io order
 
@@ -40,7 +40,7 @@ def carry(step: Step, io: Mapping[str, Any], chunks: Iterable[dict[str, np.ndarr
 
 def signal_chunks(cfg, specs: list[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
     """`cfg.chunks` consecutive chunks: float inputs carry the signal along their last axis,
-    continuing from chunk to chunk; integer inputs seeded values in [low, high]."""
+    continuing from chunk to chunk; integer inputs seeded values in [low, high)."""
     rng = np.random.default_rng(cfg.seed)
     stacks = {}
     for spec in specs:
@@ -50,7 +50,7 @@ def signal_chunks(cfg, specs: list[Mapping[str, Any]]) -> list[dict[str, np.ndar
             values = np.broadcast_to(wave.reshape(cfg.chunks, *[1] * (len(shape) - 1), -1),
                                      (cfg.chunks, *shape))
         else:
-            values = rng.integers(int(spec["low"]), int(spec["high"]) + 1, size=(cfg.chunks, *shape))
+            values = rng.integers(*integer_range(spec), size=(cfg.chunks, *shape))
         stacks[spec["name"]] = values.astype(dtype)
     return [{name: stack[k] for name, stack in stacks.items()} for k in range(cfg.chunks)]
 

@@ -23,8 +23,8 @@ def synthetic_examples(specs: list[Mapping[str, Any]], count: int, seed: int) ->
 def synthetic(specs: list[Mapping[str, Any]], shapes: list[tuple[int, ...]], seed: int,
               count: int | None = None) -> dict[str, np.ndarray]:
     """Seeded values of the given shapes (stacked `count` deep when given): uniform in
-    [low, high), integers in [low, high]; a length input (`length_of`) in [max(low, 1), the
-    size of the dim it measures]."""
+    [low, high), integers in [low, high) too (high=vocab_size for token ids); a length input
+    (`length_of`) in [max(low, 1), the size of the dim it measures]."""
     rng = np.random.default_rng(seed)
     by_name = {spec["name"]: shape for spec, shape in zip(specs, shapes)}
     stacks = {}
@@ -34,13 +34,23 @@ def synthetic(specs: list[Mapping[str, Any]], shapes: list[tuple[int, ...]], see
         if spec.get("length_of"):
             values = rng.integers(max(int(spec["low"]), 1), _measured(spec, by_name) + 1, size=size)
         elif np.issubdtype(dtype, np.integer):
-            values = rng.integers(int(spec["low"]), int(spec["high"]) + 1, size=size)
+            values = rng.integers(*integer_range(spec), size=size)
         elif dtype == np.bool_:
             values = rng.random(size) < 0.5
         else:
             values = rng.uniform(spec["low"], spec["high"], size=size)
         stacks[spec["name"]] = values.astype(dtype)
     return stacks
+
+
+def integer_range(spec: Mapping[str, Any]) -> tuple[int, int]:
+    """[low, high) of an integer input's synthetic values, refused when it is empty."""
+    low, high = int(spec["low"]), int(spec["high"])
+    if high <= low:
+        raise PipelineError(f"input '{spec['name']}' ({spec['dtype']}) draws integers in "
+                            f"[low, high) = [{low}, {high}), which is empty",
+                            fix="set high above low (high is excluded: high = vocab_size for token ids)")
+    return low, high
 
 
 def _measured(spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> int:

@@ -6,14 +6,16 @@ chunk on a stream, its state carried as an app carries it (stages/streaming.py).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
 
+from pipelines.errors import PipelineError, root_cause
 from pipelines.logs import progress
 from pipelines.registry import StageContext, stage
 
-from .formats import backend
+from .formats import Job, backend
 from .tensors import as_examples, batch_count, batches, dataset_files, synthetic_examples
 
 
@@ -24,9 +26,10 @@ def _reads(view) -> list[str]:
     return dataset_files(view["part"]["eval_data"]) + signal
 
 
-@stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "lower"),
-       config=("verify", "precision", "format.name", "model.arch", "model.factory", "part"),
-       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.streaming"),
+@stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
+       config=("verify", "precision", "format", "model.arch", "model.factory", "part"),
+       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.streaming",
+             "stages.diagnose", "stages.upstream"),
        reads=_reads, artifacts=("verify.json",))
 def run(ctx: StageContext) -> dict:
     from .model_builder import as_step, load_part
@@ -41,7 +44,7 @@ def run(ctx: StageContext) -> dict:
     tolerance = part_tolerance(ctx.cfg.precision, ctx.cfg.part)
     step = as_step(eager, eager_io["inputs"])  # without internal state, io has the same inputs
     # a module that updates its buffers is not a function of one input: only a stream tests it
-    report = {} if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
+    report, first = ({}, None) if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
     if eager_io["state"] or eager_io["internal_state"]:
         from .streaming import verify_stream
 
@@ -51,6 +54,13 @@ def run(ctx: StageContext) -> dict:
     report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
     if report["passed"] and "stream" in report:
         report["passed"], report["reason"] = report["stream"]["passed"], report["stream"]["reason"]
+    mode = ctx.cfg.verify.diagnose
+    if first and not io["state"] and (mode == "always" or mode == "on_failure" and not report["passed"]):
+        from .diagnose import describe
+
+        report["diagnosis"] = _diagnosis(ctx, eager, *first)
+        if not report["passed"]:
+            report["reason"] += f"; {describe(report['diagnosis'])}"
     (ctx.workdir / "verify.json").write_text(json.dumps(report, indent=1))
     outputs = report["outputs"].values()
     acc, stream = report.get("accuracy"), report.get("stream")
@@ -64,8 +74,20 @@ def run(ctx: StageContext) -> dict:
     return report
 
 
-def _held_out_report(ctx: StageContext, io, eager, artifact) -> dict[str, Any]:
-    """Eager and artifact on the held-out examples, batch by batch."""
+def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:
+    """Per-layer errors of quantize's program on one held-out batch (stages/diagnose.py)."""
+    from .diagnose import diagnose
+
+    quantized = ctx.input("quantize")
+    io = json.loads((quantized.dir / "io.json").read_text())
+    job = Job(quantized.dir, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
+    ctx.log.info("    verify: tracing the error to its layers")
+    return diagnose(eager, backend(ctx.cfg.format.name), job, feed, outputs)
+
+
+def _held_out_report(ctx: StageContext, io, eager, artifact) -> tuple[dict[str, Any], tuple]:
+    """Eager and artifact on the held-out examples, batch by batch; and the first batch with
+    the artifact's outputs (for diagnosis)."""
     specs = io["inputs"]
     examples, labels, origin = _held_out(ctx, specs)
     size = ctx.cfg.verify.batch_size
@@ -74,16 +96,19 @@ def _held_out_report(ctx: StageContext, io, eager, artifact) -> dict[str, Any]:
     for batch in progress(batches(examples, specs, size), batch_count(examples, specs, size), "verify"):
         expected.append(eager(batch))
         actual.append(artifact(batch))
-    outputs = {name: compare(np.concatenate([e[i] for e in expected]),
-                             np.concatenate([a[i] for a in actual]))
-               for i, name in enumerate(io["outputs"])}
+    joined = {name: (np.concatenate([e[i] for e in expected]), np.concatenate([a[i] for a in actual]))
+              for i, name in enumerate(io["outputs"])}
     report: dict[str, Any] = {"held_out": origin, "examples": len(next(iter(examples.values()))),
-                              "outputs": outputs}
+                              "outputs": {name: compare(*pair) for name, pair in joined.items()}}
+    agreement = {name: top1_agreement(*joined[name]) for name in class_scores(ctx.cfg.part, io)
+                 if joined[name][0].ndim >= 2 and joined[name][0].shape[-1] >= 2}
+    if agreement:
+        report["top1_agreement"] = agreement
     if labels is not None:
         report["accuracy"] = classification(np.concatenate([e[0] for e in expected]),
                                             np.concatenate([a[0] for a in actual]), labels)
         report["accuracy"]["output"] = io["outputs"][0]
-    return report
+    return report, (next(batches(examples, specs, size)), actual[0])
 
 
 def _resetter(module, io):
@@ -103,7 +128,12 @@ def _held_out(ctx: StageContext, specs) -> tuple[dict[str, np.ndarray], np.ndarr
     if data:
         from hydra.utils import instantiate
 
-        loaded = instantiate(data)
+        try:
+            loaded = instantiate(data)
+        except Exception as exc:
+            raise PipelineError(f"eval_data {data['_target_']} failed: {root_cause(exc)}",
+                                fix=f"it is called as {data['_target_']}(<its config keys>) and returns "
+                                    '{"inputs": {input name: array}, "labels": array or absent}') from exc
         return as_examples(loaded["inputs"], specs, data["_target_"]), loaded.get("labels"), data["_target_"]
     cfg = ctx.cfg.verify
     return synthetic_examples(specs, cfg.samples, cfg.seed), None, f"synthetic (seed {cfg.seed})"
@@ -121,6 +151,21 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     cosine = float(e @ a / norm) if norm > 0 else float(np.array_equal(e, a))
     return {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0,
             "cosine": cosine}
+
+
+SCORE_NAMES = re.compile(r"logit|score|prob", re.IGNORECASE)
+
+
+def class_scores(part, io) -> list[str]:
+    """The outputs that are scores over classes: the part's `scores`, else those named so."""
+    declared = part.get("scores")
+    names = list(declared) if declared is not None else [n for n in io["outputs"] if SCORE_NAMES.search(n)]
+    return [n for n in names if n in io["outputs"]]
+
+
+def top1_agreement(expected: np.ndarray, actual: np.ndarray) -> float:
+    """How often artifact and eager pick the same class (argmax of the last dim, every position)."""
+    return float((expected.argmax(-1) == actual.argmax(-1)).mean())
 
 
 def classification(expected: np.ndarray, actual: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -157,6 +202,10 @@ def check(report: dict[str, Any], tol) -> tuple[bool, str]:
         drop = (acc["eager"] - acc["artifact"]) * 100
         if drop > tol.max_accuracy_drop:
             return False, f"accuracy drops {drop:.2f} points > {tol.max_accuracy_drop:g}"
-    if acc and tol.min_top1_agreement is not None and acc["top1_agreement"] < tol.min_top1_agreement:
-        return False, f"top-1 agreement {acc['top1_agreement']:.2%} < {tol.min_top1_agreement:.0%}"
+    agreement = dict(report.get("top1_agreement") or {})
+    if acc:
+        agreement.setdefault(acc["output"], acc["top1_agreement"])
+    for name, value in agreement.items():
+        if tol.min_top1_agreement is not None and value < tol.min_top1_agreement:
+            return False, f"output '{name}' top-1 agreement with eager {value:.2%} < {tol.min_top1_agreement:.0%}"
     return True, ""

@@ -59,10 +59,20 @@ def run(ctx: StageContext) -> dict:
             "inputs": plain + state_specs, "outputs": io["outputs"] + [s["output"] for s in state],
             "state": io["state"] + state, "internal_state": []})
     params = sum(t.numel() for t in used_tensors(program) if t.is_floating_point())
+    (ctx.workdir / "modules.json").write_text(json.dumps(_modules(module), indent=1))
     stateful = f", state updated in forward: {len(buffers)} buffers" if buffers else ""
     return {"parameters": params, "io": io,
             "summary": f"{len(specs)} inputs -> {len(part.outputs)} outputs, {params:,} weights"
                        + stateful}
+
+
+def _modules(module) -> dict[str, dict]:
+    """Every sub-module of the part's model by path: its class and its weights (with its
+    children's), for reports of what keeping a layer float costs."""
+    model = getattr(module, "model", module)
+    return {name: {"type": type(sub).__name__,
+                   "parameters": sum(p.numel() for p in sub.parameters() if p.is_floating_point())}
+            for name, sub in model.named_modules() if name}
 
 
 def _write_io(directory, io: dict) -> None:

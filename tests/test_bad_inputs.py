@@ -134,3 +134,37 @@ def test_torchscript_without_an_architecture_says_why_it_needs_one(run_tiny, tmp
     run = run_tiny(checkpoint=path, model="tiny_program")
     assert run.status == "fail" and "[clean_state_dict]" in run.error and "TorchScript" in run.error
     assert "model.arch._target_" in run.error
+
+
+# ---------------------------------------------------------------- what a newcomer meets
+
+
+def test_token_ids_past_the_vocabulary_name_the_input_before_calibration(run_tiny, tmp_path):
+    from tests.tiny import TokenNet
+
+    path = tmp_path / "tokens.pt"
+    torch.save(TokenNet().state_dict(), path)
+    common = ("model.arch._target_=tests.tiny.TokenNet", "~model.arch.features", "~model.arch.hidden",
+              "model.parts.0.inputs.0.name=ids", "model.parts.0.inputs.0.dtype=int64",
+              "model.parts.0.inputs.0.shape=[1,5]", "model.parts.0.inputs.0.low=0", "calibration=synthetic")
+    run = run_tiny(*common, "model.parts.0.inputs.0.high=11", checkpoint=path)
+    assert run.status == "fail" and "[wrap]" in run.error
+    assert "input 'ids' draws integers in [low, high) = [0, 11), and the model rejects 10" in run.error
+    assert "IndexError" in run.error and "high = vocab_size" in run.error
+    assert_nothing_cached_for("wrap", tmp_path / "cache")
+    assert run_tiny(*common, "model.parts.0.inputs.0.high=10", checkpoint=path).status == "pass"
+
+
+def test_a_calibration_callable_shows_its_own_error_and_how_it_is_called(run_tiny, tmp_path):
+    run = run_tiny("precision=int8",
+                   "model.parts.0.calibration_data._target_=tests.tiny.calibration_without_seed")
+    assert run.status == "fail" and "[calibrate]" in run.error
+    assert "TypeError: calibration_without_seed() got an unexpected keyword argument 'seed'" in run.error
+    assert "(samples=128, seed=0" in run.error
+    assert_nothing_cached_for("calibrate", tmp_path / "cache")
+
+
+def test_a_wrapped_constructor_error_shows_the_root_cause(run_tiny):
+    run = run_tiny("+model.arch.colour=red")
+    assert run.status == "fail" and "[clean_state_dict]" in run.error
+    assert "TypeError" in run.error and "colour" in run.error and "Error in call to target" not in run.error

@@ -63,3 +63,63 @@ class CustomOpNet(TinyNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x))
+
+
+class NormNet(nn.Module):
+    """Linear -> LayerNorm -> GELU -> Linear blocks on (B, width): what transformers stack."""
+
+    def __init__(self, width: int = 256, blocks: int = 2, classes: int = 4):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU())
+                                      for _ in range(blocks)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def write_norm_checkpoint(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.save(NormNet().state_dict(), path)
+    return path
+
+
+class OutlierNet(nn.Module):
+    """A head whose weights hold one huge column (its input feature is always 0): per-channel
+    int8 scales are set by that column and every other weight rounds to zero."""
+
+    def __init__(self, features: int = 16, hidden: int = 64, classes: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(features, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)))
+
+
+def write_outlier_checkpoint(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = OutlierNet()
+    with torch.no_grad():
+        model.fc.weight[0], model.fc.bias[0] = 0.0, -1.0  # feature 0 is relu(-1) = 0
+        model.head.weight *= 4  # logits apart enough that float rounding never flips the top class
+        model.head.weight[:, 0] = 1000.0
+    torch.save(model.state_dict(), path)
+    return path
+
+
+class TokenNet(nn.Module):
+    """Token ids (int64) through an embedding: ids past the vocabulary fail."""
+
+    def __init__(self, vocab: int = 10, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+def calibration_without_seed(samples: int = 8) -> dict[str, np.ndarray]:
+    """A calibration callable that forgot the seed argument the pipeline passes."""
+    return calibration(samples)

@@ -11,6 +11,12 @@ Each backend module defines:
     load(artifact: Path) -> Callable         runs the artifact in its real runtime:
                                              fn({input name: array}) -> [output arrays]
     inspect(artifact: Path) -> dict          weights by dtype, quantized-op counts, delegation
+    reference(job) -> (Callable, types)      quantize's program run by a trusted evaluator (not
+                                             the runtime's kernels): fn(feed) -> (outputs,
+                                             {module: its output}, {module: its output as the
+                                             next layer reads it}); types: module -> class
+    prefix(job, module) -> Callable          the program up to a module's output, built and run
+                                             as the artifact is: fn(feed) -> that output
 
 Adding a format is one new module here and one file in conf/format/.
 """
@@ -38,6 +44,7 @@ class Job:
     quantize: Any  # the quantize config node (None for lower)
     calibration: Path | None  # calibration.npz (quantize at int8 only)
     workdir: Path
+    target: Any = None  # the target config node (where the artifact runs), for quantize
 
 
 def backend(name: str) -> ModuleType:

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError, first_line
 
+from ..upstream.onnxruntime import int8_weight_bits, unquantizable_layer_norms
 from . import Job, calibration_batches, link_or_copy, weight_summary
 
 SUFFIX = ".onnx"
@@ -36,7 +37,7 @@ def quantize(job: Job) -> dict[str, Any]:
             link_or_copy(path, job.workdir / path.name)
         return {"method": "none"}
     if job.precision == "fp16":
-        method = _to_float16(source, target)
+        method = _to_float16(source, target, job)
     elif job.precision == "int8":
         method = _quantize_static(source, target, job)
     else:
@@ -85,13 +86,14 @@ def _name_dims(model, specs: list[dict[str, Any]]) -> None:
                                     for d in value.shape])
 
 
-def _to_float16(source: Path, target: Path) -> str:
+def _to_float16(source: Path, target: Path, job: Job) -> str:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
+                                     node_block_list=_float_nodes(source, job, int8=False) or None)
     _save(model, target)
-    return "float16 graph, float32 I/O (onnxruntime.transformers.float16)"
+    return "float16 graph, float32 I/O (onnxruntime.transformers.float16)" + _kept(job)
 
 
 def _quantize_static(source: Path, target: Path, job: Job) -> str:
@@ -112,24 +114,55 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
     prepared = _pre_processed(source, target.parent)
     method = job.quantize.calibrate_method
+    bits = int8_weight_bits(job.target.isa)
     quantize_static(str(prepared), str(target), Reader(feeds),
-                    nodes_to_exclude=_state_nodes(prepared, job.io),
+                    nodes_to_exclude=_float_nodes(prepared, job),
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method),
+                    calibrate_method=getattr(CalibrationMethod, method), **bits,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    _float_inputs_for_kept_layers(target, prepared, job)
     prepared.unlink()
-    return f"ORT static QDQ int8, {method} calibration" + (
-        ", per-channel weights" if job.quantize.per_channel else "")
+    return (f"ORT static QDQ int8, {method} calibration"
+            + (", per-channel weights" if job.quantize.per_channel else "")
+            + (", 7-bit weights (x86 without VNNI)" if bits["reduce_range"] else "") + _kept(job))
 
 
-def _state_nodes(model: Path, io: dict[str, Any]) -> list[str]:
-    """The nodes that read a state input or write a state output: left in float, so the state
-    an app carries is never quantized."""
+def _float_nodes(model_path: Path, job: Job, int8: bool = True) -> list[str]:
+    """The nodes left in float: those of the modules quantize.keep_float names and, at int8,
+    those that read a state input or write a state output (the state an app carries is never
+    quantized) and the LayerNorms onnxruntime's static quantizer cannot take
+    (stages/upstream/onnxruntime.py)."""
     import onnx
 
-    ends = {s["input"] for s in io["state"]} | {s["output"] for s in io["state"]}
-    return [node.name for node in onnx.load(str(model)).graph.node if ends & {*node.input, *node.output}]
+    from .onnx_graph import in_modules
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    ends = {s["input"] for s in job.io["state"]} | {s["output"] for s in job.io["state"]} if int8 else set()
+    keep = set(job.quantize.keep_float)
+    nodes = [node.name for node in model.graph.node
+             if ends & {*node.input, *node.output} or in_modules(node, keep)]
+    if int8 and job.quantize.per_channel:
+        nodes += unquantizable_layer_norms(model)
+    return nodes
+
+
+def _float_inputs_for_kept_layers(model_path: Path, original: Path, job: Job) -> None:
+    """The layers quantize.keep_float names read float inputs, not their producers' int8."""
+    import onnx
+
+    from .onnx_graph import in_modules, unquantized_inputs
+
+    keep = set(job.quantize.keep_float)
+    if keep:
+        model = onnx.load(str(model_path))
+        unquantized_inputs(model, {n.name for n in model.graph.node if in_modules(n, keep)},
+                           onnx.load(str(original), load_external_data=False))
+        _save(model, model_path)
+
+
+def _kept(job: Job) -> str:
+    return f", kept float: {', '.join(job.quantize.keep_float)}" if job.quantize.keep_float else ""
 
 
 def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
@@ -137,9 +170,10 @@ def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
 
     prepared = _pre_processed(source, target.parent)
     quantize_dynamic(str(prepared), str(target), per_channel=job.quantize.per_channel,
-                     weight_type=QuantType.QInt8)
+                     nodes_to_exclude=_float_nodes(prepared, job), weight_type=QuantType.QInt8,
+                     **int8_weight_bits(job.target.isa))
     prepared.unlink()
-    return "ORT dynamic int8 weights"
+    return "ORT dynamic int8 weights" + _kept(job)
 
 
 def _pre_processed(source: Path, workdir: Path) -> Path:
@@ -215,6 +249,50 @@ def load(artifact: Path, io: dict[str, Any]) -> Callable[[dict[str, np.ndarray]]
         return session.run(None, {name: batch[name] for name in names})
 
     return run
+
+
+def reference(job: Job) -> tuple[Callable, dict[str, str]]:
+    """The quantized graph as written, every node on its own (no graph optimisation, no fused
+    int8 kernels), returning its outputs, every module's output, and every module's output as
+    the next layer reads it (re-quantized); and module types."""
+    import onnx
+    import onnxruntime as ort
+
+    from . import onnx_graph
+
+    model = onnx.load(str(job.source / GRAPH))
+    points = onnx_graph.module_outputs(model)
+    next_reads = {path: onnx_graph.requantized(model, value) for path, value in points.items()}
+    types = {path: kind for node in model.graph.node for path, kind in onnx_graph.module_types(node).items()}
+    exposed = dict.fromkeys([*points.values(), *next_reads.values()])
+    onnx_graph.with_outputs(model, [v for v in exposed if v not in job.io["outputs"]])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]):
+        values = dict(zip(names, session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})))
+        return ([values[n] for n in names[:len(job.io["outputs"])]],
+                {path: values[v].astype(np.float32) for path, v in points.items()},
+                {path: values[v].astype(np.float32) for path, v in next_reads.items()})
+
+    return run, types
+
+
+def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The graph up to `module`'s output, run by onnxruntime as the artifact is (optimised)."""
+    import onnx
+    import onnxruntime as ort
+
+    from . import onnx_graph
+
+    model = onnx.load(str(job.source / GRAPH))
+    part = onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module])
+    session = ort.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda feed: session.run(None, {n: feed[n] for n in names})[0].astype(np.float32)
 
 
 def inspect(artifact: Path) -> dict[str, Any]:

@@ -12,10 +12,13 @@ import torch
 from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports torchao anyway
 
 from ..export_errors import lowering_failure
-from ..model_builder import as_step, dynamic_shapes, example_inputs, used_tensors
+from ..model_builder import as_step, used_tensors
 from ..state_io import state_nodes
 from ..streaming import carry
+from ..upstream.executorch import FP16_UNSAFE_OPS, conv_backends_off, restore_integer_scalars
 from . import Job, calibration_batches, link_or_copy, weight_summary
+from .fx_graph import (module_outputs, module_types, reexport, requantized, to_half,
+                       with_outputs, within)
 
 SUFFIX = ".pte"
 KEEPS_STATE = True  # mutable buffers live in the method between execute() calls
@@ -34,17 +37,19 @@ def quantize(job: Job) -> dict[str, Any]:
         link_or_copy(source, job.workdir / PROGRAM)
         return {"method": "none"}
     program = torch.export.load(source)
+    keep = list(job.quantize.keep_float)
     if job.precision == "fp16":
-        module, method = _HalfPrecision(program.module()), "half-precision weights, fp32 I/O"
+        module = to_half(program.module(), lambda node: node.target in FP16_UNSAFE_OPS or within(node, keep))
+        method = "half-precision weights, fp32 I/O, LayerNorm in fp32"
     else:
-        module, method = _pt2e(program, job), "PT2E XNNPACKQuantizer " + (
+        module, method = _pt2e(program, job, keep), "PT2E XNNPACKQuantizer " + (
             "dynamic" if job.precision == "int8_dynamic" else "static") + (
             " per-channel" if job.quantize.per_channel else " per-tensor")
-    _reexport(module, job, job.workdir / PROGRAM)
-    return {"method": method}
+    reexport(module, job.io["inputs"], job.workdir / PROGRAM)
+    return {"method": method + (f", kept float: {', '.join(keep)}" if keep else "")}
 
 
-def _pt2e(program: torch.export.ExportedProgram, job: Job) -> torch.nn.Module:
+def _pt2e(program: torch.export.ExportedProgram, job: Job, keep: list[str]) -> torch.nn.Module:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer, get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -52,7 +57,7 @@ def _pt2e(program: torch.export.ExportedProgram, job: Job) -> torch.nn.Module:
     dynamic = job.precision == "int8_dynamic"
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
         is_per_channel=job.quantize.per_channel, is_dynamic=dynamic))
-    prepared = prepare_pt2e(program.module(), _FloatState(quantizer, job.io))
+    prepared = prepare_pt2e(program.module(), _Guarded(quantizer, job.io, keep))
     initial = {name: prepared.get_buffer(name).clone() for name in job.io["internal_state"]}
     # in order, the state carried: calibrated on what a stream really sees
     carry(as_step(prepared, job.io["inputs"]), job.io, calibration_batches(job)[: 1 if dynamic else None])
@@ -61,20 +66,22 @@ def _pt2e(program: torch.export.ExportedProgram, job: Job) -> torch.nn.Module:
     return convert_pt2e(prepared)
 
 
-class _FloatState(Quantizer):
-    """The inner quantizer, minus its annotations on the nodes that read or write the state:
-    the state is carried in float, never quantized."""
+class _Guarded(Quantizer):
+    """The inner quantizer with corrections: integer scalars stay integers (an upstream bug,
+    stages/upstream/executorch.py), and the nodes that read or write the state, and those of the
+    modules kept float, lose their annotations (the state is carried in float, never quantized)."""
 
-    def __init__(self, inner: Quantizer, io: dict[str, Any]):
+    def __init__(self, inner: Quantizer, io: dict[str, Any], keep: list[str]):
         super().__init__()
-        self.inner, self.io = inner, io
+        self.inner, self.io, self.keep = inner, io, keep
 
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        return self.inner.transform_for_annotation(model)
+        return restore_integer_scalars(self.inner.transform_for_annotation(model))
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = self.inner.annotate(model)
-        for node in state_nodes(model.graph, self.io):
+        kept = {node for node in model.graph.nodes if within(node, self.keep)}
+        for node in state_nodes(model.graph, self.io) | kept:
             node.meta.pop("quantization_annotation", None)
         return model
 
@@ -82,61 +89,13 @@ class _FloatState(Quantizer):
         self.inner.validate(model)
 
 
-class _HalfPrecision(torch.nn.Module):
-    """Half-precision weights and compute; float32 inputs and outputs, as an app feeds them."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.inner = module.half()
-        for name, value in list(vars(self.inner).items()):  # lifted tensor constants
-            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-                setattr(self.inner, name, value.half())
-        for node in self.inner.graph.nodes:  # tensors made from sizes (arange, full): half too
-            if node.kwargs.get("dtype") == torch.float32 and not any(
-                    isinstance(arg.meta.get("val"), torch.Tensor) for arg in node.all_input_nodes):
-                node.kwargs = {**node.kwargs, "dtype": torch.float16}
-        self.inner.recompile()
-
-    def forward(self, *inputs):
-        cast = [x.half() if x.dtype == torch.float32 else x for x in inputs]
-        return tuple(y.float() if y.dtype == torch.float16 else y for y in self.inner(*cast))
-
-
-class _Positional(torch.nn.Module):
-    """forward(*inputs), like the wrapped part: one dynamic-shapes layout for every re-export."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.inner = module
-
-    def forward(self, *inputs):
-        return self.inner(*inputs)
-
-
-def _reexport(module: torch.nn.Module, job: Job, path: Path) -> None:
-    specs = job.io["inputs"]
-    with torch.no_grad():
-        program = torch.export.export(_Positional(module), example_inputs(specs),
-                                      dynamic_shapes=dynamic_shapes(specs), strict=False)
-    torch.export.save(program, path)
-
-
 def lower(job: Job) -> dict[str, Any]:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     program = torch.export.load(job.source / PROGRAM)
     stats = _program_stats(program)
-    partitioners = [XnnpackPartitioner()] if job.fmt.xnnpack else []
-    try:
-        edge = to_edge_transform_and_lower(program, partitioner=partitioners)
-        delegation = get_delegation_info(edge.exported_program().graph_module)
-        executorch_program = edge.to_executorch(ExecutorchBackendConfig(
-            passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
-    except Exception as exc:
-        raise lowering_failure("ExecuTorch lowering", exc, program) from exc
+    edge, buffer = _to_executorch(program, job.fmt)
+    delegation = get_delegation_info(edge.exported_program().graph_module)
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
     stats["delegated_share"] = round(delegated / max(delegated + other, 1), 4)
@@ -144,12 +103,68 @@ def lower(job: Job) -> dict[str, Any]:
                                          if n.op == "call_function" and _op_name(n.target)
                                          not in ("executorch_call_delegate", "getitem")})
     artifact = job.workdir / f"model{SUFFIX}"
-    artifact.write_bytes(executorch_program.buffer)
+    artifact.write_bytes(buffer)
     stats["planned_input_shapes"] = _planned_shapes(artifact)
     stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"])
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
     return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
             "warnings": stats["warnings"]}
+
+
+def _to_executorch(program: torch.export.ExportedProgram, fmt) -> tuple[Any, bytes]:
+    """The edge program and the .pte bytes: XNNPACK-delegated where the format says so."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+    import executorch.kernels.quantized  # noqa: F401  out variants of quantize ops XNNPACK leaves
+
+    partitioners = [XnnpackPartitioner()] if fmt.xnnpack else []
+    try:
+        with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
+            edge = to_edge_transform_and_lower(program, partitioner=partitioners)
+            executorch_program = edge.to_executorch(ExecutorchBackendConfig(
+                passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
+    except Exception as exc:
+        raise lowering_failure("ExecuTorch lowering", exc, program) from exc
+    return edge, executorch_program.buffer
+
+
+def reference(job: Job) -> tuple[Callable, dict[str, str]]:
+    """The quantized program run by PyTorch itself (quantize/dequantize as float arithmetic, fp16
+    in PyTorch's kernels), returning its outputs, every module's output, and every module's
+    output as the next layer reads it (re-quantized); and module types."""
+    graph_module = torch.export.load(job.source / PROGRAM).module()
+    points = module_outputs(graph_module.graph)
+    types = {path: kind for node in graph_module.graph.nodes for path, kind in module_types(node).items()}
+    with_outputs(graph_module, [*points.values(), *map(requantized, points.values())])
+    count, modules = len(job.io["outputs"]), len(points)
+
+    def run(feed: dict[str, np.ndarray]):
+        inputs = [torch.from_numpy(feed[spec["name"]]) for spec in job.io["inputs"]]
+        with torch.no_grad():
+            values = [v.float().numpy() for v in torch.fx.Interpreter(graph_module).run(*inputs)]
+        return (values[:count], dict(zip(points, values[count:count + modules])),
+                dict(zip(points, values[count + modules:])))
+
+    return run, types
+
+
+def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The program up to `module`'s output, lowered like the artifact and run in ExecuTorch."""
+    from executorch.runtime import Runtime
+
+    graph_module = torch.export.load(job.source / PROGRAM).module()
+    with_outputs(graph_module, [requantized(module_outputs(graph_module.graph)[module])], replace=True)
+    _, buffer = _to_executorch(reexport(graph_module, job.io["inputs"]), job.fmt)
+    path = job.workdir / f"prefix{SUFFIX}"
+    path.write_bytes(buffer)
+    method = Runtime.get().load_program(path).load_method("forward")
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = [torch.from_numpy(np.ascontiguousarray(feed[spec["name"]])) for spec in job.io["inputs"]]
+        return method.execute(inputs)[0].float().numpy()
+
+    return run
 
 
 def _mutable_buffers(program: torch.export.ExportedProgram) -> list[str]:

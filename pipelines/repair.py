@@ -1,0 +1,55 @@
+"""What a cell does when it breaks (`quantize.on_failure`): fail, keep layers float, or go fp32.
+
+`mixed` keeps the layer the failure names at full precision and rebuilds from quantize, one
+layer at a time (verify's diagnosis names the layer whose error jumps; a quantizer or lowering
+error names the module of the node it broke on) until the tolerance holds or
+`quantize.max_float_layers` is reached; then, as `fp32` does at once, it rebuilds the whole
+cell at fp32 with `quantize.fallback_tolerance`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import PipelineError
+
+RETRYABLE = ("quantize", "lower", "verify", "size_audit")  # stages a rebuild from quantize can fix
+
+
+def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> bool:
+    """Set root up for the next attempt and return True, or return False: the cell fails."""
+    policy, precision = root["quantize"]["on_failure"], root["precision"]["name"]
+    if failed not in RETRYABLE or precision == "fp32" or policy == "error":
+        return False
+    run.attempts.append({"precision": precision, "keep_float": list(root["quantize"]["keep_float"]),
+                         "stage": failed, "reason": exc.message,
+                         "bytes": _artifact_bytes(run) if failed in ("verify", "size_audit") else None})
+    layer = _layer_to_keep(root, run, failed, exc) if policy == "mixed" else None
+    if layer:
+        root["quantize"] = {**root["quantize"], "keep_float": [*root["quantize"]["keep_float"], layer]}
+        run.status, run.float_layers = "mixed", list(root["quantize"]["keep_float"])
+        log.info("  %s failed at %s (%s): keeping %s at fp32", failed, precision, exc.message, layer)
+        return True
+    log.info("  %s failed at %s (%s): falling back to fp32", failed, precision, exc.message)
+    run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
+    run.float_layers = []
+    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"]}
+    root["quantize"] = {**root["quantize"], "keep_float": []}
+    return True
+
+
+def _layer_to_keep(root: dict[str, Any], run, failed: str, exc: PipelineError) -> str | None:
+    """The next layer to keep float: the module a quantize/lower error names, else the first of
+    verify's suspects not yet kept; None past quantize.max_float_layers."""
+    kept = set(root["quantize"]["keep_float"])
+    if len(kept) >= root["quantize"]["max_float_layers"]:
+        return None
+    candidates = [exc.module] if exc.module else []
+    if failed == "verify":
+        candidates += [s["module"] for s in (run.result("verify").get("diagnosis") or {}).get("suspects", [])]
+    return next((c for c in candidates if c and c not in kept), None)
+
+
+def _artifact_bytes(run) -> int:
+    """Size of the artifact the failed attempt built, with its external data."""
+    lower = run.outputs["lower"]
+    return sum(p.stat().st_size for p in lower.dir.glob(lower.result["artifact"] + "*") if p.is_file())

@@ -1,0 +1,10 @@
+"""Workarounds for bugs in the pinned libraries, one module per library, each in one place.
+
+Every workaround names the upstream version it answers, the library line that causes it, and a
+test in tests/test_upstream.py that reproduces the upstream failure from a few-layer module
+without it: when a pin moves and that test starts failing, the workaround can go.
+
+    onnxruntime.py  quantize_static crash on multi-dim LayerNorm scales; u8*s8 saturation on x86
+    executorch.py   integer scalars made float by XNNPACKQuantizer; fp16 LayerNorm kernel;
+                    dynamic batch narrowed by the CPU convolution backend choice while lowering
+"""

@@ -1,0 +1,59 @@
+"""executorch 1.5.1 (with torch 2.13.0): quantizer, kernel and lowering bugs met on real models."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def restore_integer_scalars(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Undo XNNPACKQuantizer's float constants on integer arithmetic.
+
+    `XNNPACKQuantizer.transform_for_annotation` calls `_convert_scalars_to_attrs`
+    (backends/xnnpack/quantizer/xnnpack_quantizer_utils.py:1163,
+    `float_tensor = torch.tensor(float(args[i]))`), which turns every scalar operand of
+    aten.add/mul into a float32 constant, integer index arithmetic included: `arange(n) + 1`
+    then becomes float and indexing with it raises "tensors used as indices must be long, int,
+    byte or bool tensors" (transformers' attention masks and position ids). Fixed upstream after
+    1.5.1. Each such constant feeding an add/mul whose result is an integer tensor gets that
+    integer dtype back.
+    """
+    for node in model.graph.nodes:
+        value = node.meta.get("val")
+        if (node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
+                or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point):
+            continue
+        for arg in node.args:
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+                continue
+            constant = getattr(model, arg.target)
+            if constant.ndim == 0 and constant.dtype.is_floating_point and float(constant).is_integer():
+                fixed = torch.tensor(int(constant), dtype=value.dtype)
+                setattr(model, arg.target, fixed)
+                arg.meta["val"] = value.fake_mode.from_tensor(fixed, static_shapes=True)
+    model.recompile()
+    return model
+
+
+# The optimized CPU kernel of native_layer_norm misreads float16 rows of 256 elements or more:
+# kernels/optimized/cpu/moments_utils.h, `UpdateMomentsVec`, loads `Vectorized<float>` from the
+# `const Half*` row (`Vec::loadu(X_ptr + j * Vec::size())`), so the mean and variance are garbage
+# (max abs 270 on a 256-wide LayerNorm, measured). XNNPACK never takes LayerNorm, so every fp16
+# program hits that kernel: these operators run in float32 inside an fp16 program.
+FP16_UNSAFE_OPS = (torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default)
+
+
+@contextlib.contextmanager
+def conv_backends_off() -> Iterator[None]:
+    """Lower with PyTorch's CPU convolution backends (mkldnn, nnpack) switched off.
+
+    ExecuTorch's passes re-run every operator on fake tensors (exir/pass_base.py:587, `_fx`)
+    outside torch.export's `_ignore_backend_decomps`; for a convolution the fake kernel asks
+    `torch._C._select_conv_backend` (torch/_subclasses/fake_impls.py:1811), whose mkldnn/nnpack
+    choice compares the symbolic batch with 16 and so narrows a dynamic batch to [2, 15]: the
+    .pte then plans memory for 15 rows, not the spec's max. torch.export switches the same
+    backends off while it traces; we do it while lowering.
+    """
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        yield

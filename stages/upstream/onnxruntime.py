@@ -1,0 +1,34 @@
+"""onnxruntime 1.31.1: what its static quantizer and its x86 int8 kernels need from us."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+X86_ISA = "x86_64"
+
+
+def int8_weight_bits(isa: Iterable[str]) -> dict[str, Any]:
+    """quantize_static arguments for where the artifact runs.
+
+    x86 CPUs without VNNI (AVX2 or AVX-512 alone, e.g. AMD EPYC before Zen 4) multiply u8
+    activations by s8 weights with vpmaddubsw, which adds two products into a saturating int16:
+    2 * 255 * 127 = 64770 overflows 32767 and the fused QGemm/QLinearConv kernels clip (cosine
+    0.96 on a 2-layer MLP, measured). VNNI (vpdpbusd) accumulates in int32 and does not. With
+    7-bit weights (reduce_range: |w| <= 64) a pair stays <= 32640 on every x86 CPU, so the
+    artifact computes the same numbers whether or not the CPU that runs it has VNNI. ARM (sdot)
+    and WebAssembly (i32x4.dot_i16x8 on widened values) never saturate: full 8-bit weights there.
+    """
+    return {"reduce_range": X86_ISA in set(isa)}
+
+
+def unquantizable_layer_norms(model) -> list[str]:
+    """LayerNormalization nodes whose scale or bias has rank >= 2 (nn.LayerNorm([C, D])).
+
+    quantize_static(per_channel=True) quantizes such a scale per channel, then
+    qdq_quantizer.py:486 (`_adjust_weight_scale_for_int32_bias`) compares a whole bias row with
+    a scalar, `if (bias_candidate_scale < bias_smallest_valid_scale) and ...`, and raises
+    "The truth value of an array with more than one element is ambiguous". The CPU execution
+    provider has no int8 LayerNorm kernel anyway: these nodes are left in float.
+    """
+    ranks = {tensor.name: len(tensor.dims) for tensor in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type == "LayerNormalization"
+            and any(ranks.get(name, 0) >= 2 for name in node.input[1:3])]

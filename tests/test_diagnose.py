@@ -1,0 +1,81 @@
+"""When a cell breaches its tolerance it names the layer (by module path), and
+quantize.on_failure=mixed keeps that layer float until the tolerance holds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines.report import part_report
+from tests.tiny import write_norm_checkpoint, write_outlier_checkpoint
+
+SYNTHETIC = "calibration=synthetic"
+
+
+@pytest.fixture
+def outlier(tmp_path):
+    return write_outlier_checkpoint(tmp_path / "outlier.pt")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+def test_a_breached_tolerance_names_the_layer_that_lost_precision(run_tiny, outlier, fmt):
+    run = run_tiny(f"format={fmt}", "precision=int8", SYNTHETIC, model="tiny_outlier", checkpoint=outlier)
+    assert run.status == "fail" and "[verify]" in run.error
+    assert "head (Linear): precision lost here" in run.error
+    diagnosis = run.result("verify")["diagnosis"]
+    assert diagnosis["suspects"][0]["module"] == "head"
+    layers = {layer["module"]: layer for layer in diagnosis["layers"]}
+    assert set(layers) == {"fc", "head"} and layers["head"]["error"] > 0.5 > layers["fc"]["error"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+def test_mixed_keeps_the_named_layer_float_and_reports_what_it_cost(run_tiny, outlier, tmp_path, fmt):
+    run = run_tiny(f"format={fmt}", "precision=int8", SYNTHETIC, "quantize.on_failure=mixed",
+                   model="tiny_outlier", checkpoint=outlier)
+    assert run.status == "mixed" and run.float_layers == ["head"], run.error
+    assert run.result("verify")["passed"] and run.result("size_audit")["passed"]
+    assert run.result("size_audit")["kept_float_parameters"] == 64 * 4 + 4
+    report = part_report(run, tmp_path / "run")
+    assert report["repair"].startswith("kept float: head (") and "all-int8 build" in report["repair"]
+    assert report["attempts"][0]["keep_float"] == [] and report["attempts"][0]["bytes"] > 0
+    assert "kept float: head" in run.result("quantize")["method"]
+
+
+def test_mixed_gives_up_after_max_float_layers_and_falls_back_to_fp32(run_tiny, outlier):
+    run = run_tiny("precision=int8", SYNTHETIC, "quantize.on_failure=mixed", "quantize.max_float_layers=0",
+                   model="tiny_outlier", checkpoint=outlier)
+    assert run.status == "fallback" and run.float_layers == []
+    assert run.result("quantize")["method"] == "none" and run.result("verify")["passed"]
+
+
+def test_keep_float_can_be_set_by_hand(run_tiny, outlier):
+    run = run_tiny("precision=int8", SYNTHETIC, "quantize.keep_float=[head]", model="tiny_outlier",
+                   checkpoint=outlier)
+    assert run.status == "pass" and run.float_layers == ["head"]
+
+
+def test_the_diagnosis_finds_where_a_runtime_kernel_leaves_the_program(run_tiny, tmp_path, monkeypatch):
+    """With the fp16 LayerNorm workaround off, ExecuTorch's kernel breaks the .pte (the program
+    itself is right): bisecting prefixes of the program names the LayerNorm."""
+    import stages.formats.pte as pte
+
+    monkeypatch.setattr(pte, "FP16_UNSAFE_OPS", ())
+    checkpoint = write_norm_checkpoint(tmp_path / "norm.pt")
+    run = run_tiny("format=pte", "precision=fp16", SYNTHETIC, model="tiny_norm", checkpoint=checkpoint)
+    assert run.status == "fail"
+    diagnosis = run.result("verify")["diagnosis"]
+    at = diagnosis["runtime_diverges_at"]
+    assert (at["module"], at["type"]) == ("blocks.0.1", "LayerNorm") and at["probes"] <= 6
+    assert diagnosis["reference_error"] < 1e-2 < diagnosis["runtime_error"]
+    assert "blocks.0.1 (LayerNorm): the runtime's kernels leave the program's arithmetic" in run.error
+
+
+def test_diagnosis_always_gives_every_layer_even_when_passing(run_tiny):
+    run = run_tiny("precision=int8", "verify.diagnose=always")
+    assert run.status == "pass"
+    diagnosis = run.result("verify")["diagnosis"]
+    # body.1 (ReLU) is folded into the quantizer's QuantizeLinear: it has no output of its own
+    assert [layer["module"] for layer in diagnosis["layers"]] == ["body.0", "body.2", "body"]
+    assert all(np.isfinite(layer["error"]) for layer in diagnosis["layers"])
+    assert json.loads(json.dumps(diagnosis)) == diagnosis

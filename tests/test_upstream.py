@@ -1,0 +1,289 @@
+"""The upstream bugs stages/upstream/ works around, each reproduced from a few-layer module.
+
+For each: a test that the pinned library still fails without the workaround (when it starts
+passing, the pin fixed it: remove the workaround it names), and a test that the artifact built
+with the workaround runs in its runtime and matches PyTorch. No verdict depends on the build
+machine's CPU: the x86 int8 case is shown on the artifact's own integers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from stages.formats import Job
+
+DYNAMIC_BATCH = {"0": "batch"}
+
+
+def spec(name: str, shape: list[int], dtype: str = "float32", dynamic=None, **extra) -> dict:
+    return {"name": name, "shape": shape, "dtype": dtype, "dynamic": dynamic or {}, "kwarg": None,
+            "low": -1.0, "high": 1.0, "max": 1024, "length_of": None, **extra}
+
+
+def export(module: nn.Module, specs: list[dict], directory: Path) -> dict:
+    """The module as wrap writes it: program.pt2 and its io (one output)."""
+    from stages.model_builder import PartModule, dynamic_shapes, example_inputs
+
+    part = PartModule(module.eval(), {"name": "p", "inputs": specs})
+    program = torch.export.export(part, example_inputs(specs), dynamic_shapes=dynamic_shapes(specs))
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, directory / "program.pt2")
+    return {"inputs": specs, "outputs": ["y"], "state": [], "internal_state": []}
+
+
+def job(source: Path, io: dict, precision: str, workdir: Path, isa=("x86_64", "arm64"),
+        calibration: Path | None = None) -> Job:
+    workdir.mkdir(parents=True, exist_ok=True)
+    quantize = OmegaConf.create({"per_channel": True, "keep_float": [], "calibrate_method": "MinMax"})
+    fmt = OmegaConf.create({"name": "pte", "xnnpack": True, "opset": 18, "dynamic_dims": True,
+                            "optimize": True, "external_data_threshold_mb": 1900})
+    return Job(source, io, precision, fmt, quantize, calibration, workdir,
+               OmegaConf.create({"name": "t", "isa": list(isa)}))
+
+
+def lowered(module: nn.Module, specs: list[dict], precision: str, tmp: Path, calibration=None) -> Path:
+    """quantize + lower of the pte backend, workarounds included; the .pte path."""
+    from stages.formats import pte
+
+    io = export(module, specs, tmp / "wrap")
+    pte.quantize(job(tmp / "wrap", io, precision, tmp / "quantize", calibration=calibration))
+    pte.lower(job(tmp / "quantize", io, precision, tmp / "lower"))
+    return tmp / "lower" / "model.pte"
+
+
+def run_pte(path: Path, *inputs: torch.Tensor) -> torch.Tensor:
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(path).load_method("forward").execute(list(inputs))[0]
+
+
+def calibration_file(tmp: Path, **arrays: np.ndarray) -> Path:
+    path = tmp / "calibration.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+# 1. onnxruntime: quantize_static(per_channel=True) on a LayerNorm over two dims ---------------
+
+class NormOverTwoDims(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm([4, 16])  # scale and bias of rank 2
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def _norm_onnx(tmp: Path) -> tuple[Path, dict, np.ndarray]:
+    from stages.formats import onnx as onnx_backend
+
+    torch.manual_seed(0)
+    specs = [spec("x", [1, 4, 16], dynamic=DYNAMIC_BATCH)]
+    io = export(NormOverTwoDims(), specs, tmp / "wrap")
+    onnx_backend.convert(job(tmp / "wrap", io, "fp32", tmp / "convert"))
+    data = np.random.default_rng(0).standard_normal((32, 1, 4, 16)).astype(np.float32)
+    return tmp / "convert", io, data
+
+
+def test_ort_static_quantizer_still_crashes_on_a_two_dim_layer_norm(tmp_path):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    convert, _, data = _norm_onnx(tmp_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": data[i]} for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with pytest.raises(ValueError, match="truth value of an array"):
+        quantize_static(str(convert / "graph.onnx"), str(tmp_path / "q.onnx"), Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def test_a_two_dim_layer_norm_is_left_float_and_the_rest_quantized(tmp_path):
+    import onnxruntime as ort
+
+    from stages.formats import onnx as onnx_backend
+
+    convert, io, data = _norm_onnx(tmp_path)
+    calibration = calibration_file(tmp_path, x=data)
+    result = onnx_backend.quantize(job(convert, io, "int8", tmp_path / "q", calibration=calibration))
+    assert "static QDQ" in result["method"]
+    session = ort.InferenceSession(str(tmp_path / "q" / "graph.onnx"), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / "q" / "graph.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "LayerNormalization" in ops
+    x = data[:8, 0]
+    torch.manual_seed(0)
+    expected = NormOverTwoDims().eval()(torch.from_numpy(x)).detach().numpy()
+    actual = session.run(None, {"x": x})[0]
+    cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
+    assert cosine > 0.99
+
+
+# 2. onnxruntime on x86 without VNNI: u8*s8 pairs saturate in int16 ----------------------------
+
+def _int8_mlp(tmp: Path, isa) -> tuple[Path, np.ndarray]:
+    from stages.formats import onnx as onnx_backend
+    from tests.tiny import TinyNet, calibration
+
+    torch.manual_seed(0)
+    specs = [spec("x", [1, 16], dynamic=DYNAMIC_BATCH)]
+    io = export(TinyNet(), specs, tmp / "wrap")
+    onnx_backend.convert(job(tmp / "wrap", io, "fp32", tmp / "convert"))
+    cal = calibration_file(tmp, x=calibration()["x"])
+    onnx_backend.quantize(job(tmp / "convert", io, "int8", tmp / "q", isa=isa, calibration=cal))
+    return tmp / "q" / "graph.onnx", calibration()["x"][:, 0]
+
+
+def _largest_pair(model_path: Path) -> int:
+    """The largest |u8 activation x s8 weight| sum of two adjacent products the artifact allows:
+    what vpmaddubsw adds into an int16 on x86 CPUs without VNNI."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(model_path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    return max(2 * 255 * int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
+def test_full_range_int8_weights_can_overflow_the_x86_pair_sum(tmp_path):
+    """What the web and phone targets ship (8-bit weights) would saturate on x86 without VNNI."""
+    model, _ = _int8_mlp(tmp_path, isa=["wasm32"])
+    assert _largest_pair(model) > np.iinfo(np.int16).max
+
+
+def test_x86_targets_get_weights_whose_pair_sums_fit_int16(tmp_path):
+    """And what x86 targets ship cannot, whatever the CPU: the fused kernels then compute the
+    quantized graph's own numbers (compared with onnxruntime's unfused QDQ arithmetic)."""
+    import onnxruntime as ort
+
+    model, x = _int8_mlp(tmp_path, isa=["x86_64", "arm64"])
+    assert _largest_pair(model) <= np.iinfo(np.int16).max
+    reference = ort.SessionOptions()
+    reference.add_session_config_entry("session.disable_quant_qdq", "1")
+    fused = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = ort.InferenceSession(str(model), reference, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(fused - exact).max() < 1e-3
+
+
+# 3. executorch: XNNPACKQuantizer makes integer index arithmetic float -------------------------
+
+class PositionTable(nn.Module):
+    """Position ids computed as transformers does: integer arithmetic, then indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(32, 8))
+
+    def forward(self, x):
+        positions = (torch.arange(x.shape[1]) + 1) * 2
+        return self.fc(x + self.table[positions])
+
+
+def test_xnnpack_quantizer_still_turns_integer_scalars_into_floats():
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    x = torch.randn(2, 5, 8)
+    program = torch.export.export(PositionTable().eval(), (x,))
+    prepared = prepare_pt2e(program.module(), XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True)))
+    with pytest.raises(IndexError, match="tensors used as indices must be long"):
+        prepared(x)
+
+
+def test_integer_scalars_stay_integers_through_pt2e(tmp_path):
+    torch.manual_seed(0)
+    module = PositionTable().eval()
+    x = np.random.default_rng(0).standard_normal((16, 1, 5, 8)).astype(np.float32)
+    path = lowered(module, [spec("x", [1, 5, 8])], "int8", tmp_path, calibration_file(tmp_path, x=x))
+    sample = torch.from_numpy(x[0])
+    actual, expected = run_pte(path, sample), module(sample).detach()
+    assert torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+# 4. executorch: the optimized fp16 LayerNorm kernel misreads rows of >= 256 elements ----------
+
+class WideNorm(nn.Module):
+    def __init__(self, width: int = 256):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def test_executorch_fp16_layer_norm_kernel_is_still_wrong_for_wide_rows(tmp_path):
+    from executorch.exir import to_edge_transform_and_lower
+
+    torch.manual_seed(0)
+    module = WideNorm().eval().half()
+    x = torch.randn(2, 256, dtype=torch.float16)
+    edge = to_edge_transform_and_lower(torch.export.export(module, (x,)))
+    path = tmp_path / "plain.pte"
+    path.write_bytes(edge.to_executorch().buffer)
+    assert (run_pte(path, x).float() - module(x).float()).abs().max() > 1.0
+
+
+def test_fp16_programs_keep_layer_norm_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    module = WideNorm().eval()
+    path = lowered(module, [spec("x", [1, 256], dynamic=DYNAMIC_BATCH)], "fp16", tmp_path)
+    x = torch.randn(4, 256)
+    assert (run_pte(path, x) - module(x).detach()).abs().max() < 2e-2
+
+
+# 5. executorch lowering narrows a dynamic batch through the CPU convolution backend choice ----
+
+class SmallConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_executorch_lowering_still_narrows_a_conv_batch_with_cpu_backends_on(tmp_path):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    batch = torch.export.Dim.DYNAMIC(min=1, max=1024)
+    program = torch.export.export(SmallConv().eval(), (torch.randn(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: batch},))
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    path = tmp_path / "plain.pte"
+    path.write_bytes(edge.to_executorch().buffer)
+    method = Runtime.get().load_program(path).load_method("forward")
+    assert method.metadata.input_tensor_meta(0).sizes()[0] == 15
+
+
+def test_a_conv_program_keeps_its_dynamic_batch_bound(tmp_path):
+    from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    module = SmallConv().eval()
+    path = lowered(module, [spec("x", [1, 1, 8, 8], dynamic=DYNAMIC_BATCH)], "fp32", tmp_path)
+    method = Runtime.get().load_program(path).load_method("forward")
+    assert method.metadata.input_tensor_meta(0).sizes()[0] == 1024
+    stats = json.loads((path.parent / "program_stats.json").read_text())
+    assert stats["warnings"] == []
+    for rows in (16, 64, 1024):
+        x = torch.randn(rows, 1, 8, 8)
+        assert (method.execute([x])[0] - module(x).detach()).abs().max() < 1e-4
