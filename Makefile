@@ -4,10 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup demo web matrix bench test test-all clean
+.PHONY: help setup web-runtime demo web matrix bench test test-all check-artifact cache-list cache-prune clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,23 +20,36 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)  ## create .venv with the pinned versions (requirements.txt)
 
+web-runtime:  ## Debian's Chromium + onnxruntime-web (web/package-lock.json), for web targets
+	sh web/install.sh
+
 demo: $(STAMP)  ## export the demo model to a verified .pte (recipe android_dev)
 	$(PY) run.py recipe=android_dev
 
-web: $(STAMP)  ## export the demo model to a verified .onnx (recipe web_dev)
+web: $(STAMP) web-runtime  ## export the demo model to a .onnx verified natively and in Chromium (web_dev)
 	$(PY) run.py recipe=web_dev
 
-matrix: $(STAMP)  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report
+matrix: $(STAMP) web-runtime  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report (matrix.html)
 	$(PY) run.py -m recipe=matrix
 
-bench: $(STAMP)  ## cold vs warm sweep, sweep vs single runs, size ratios
+bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
 	$(PY) -m pipelines.bench
 
-test: $(STAMP)  ## the test suite (CI runs this)
+test: $(STAMP) web-runtime  ## the test suite (CI runs this)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)  ## the test suite including the slow end-to-end tests
+test-all: $(STAMP) web-runtime  ## the test suite including the slow end-to-end tests
 	$(PY) -m pytest -q -m "slow or not slow"
+
+check-artifact: $(STAMP)  ## re-run the test cases an artifact carries: make check-artifact ARTIFACT=path
+	$(PY) -m pipelines.check_artifact $(ARTIFACT)
+
+CACHE ?= outputs/cache
+cache-list: $(STAMP)  ## cache entries by stage, count and size (ALL=1: one line per entry)
+	$(PY) -m pipelines.cache list --cache-dir $(CACHE) $(if $(ALL),--all)
+
+cache-prune: $(STAMP)  ## remove entries unused for AGE (7d), or LRU ones beyond SIZE (e.g. 10G); DRY=1 to see
+	$(PY) -m pipelines.cache prune --cache-dir $(CACHE) --older-than $(or $(AGE),7d) $(if $(SIZE),--max-size $(SIZE)) $(if $(DRY),--dry-run)
 
 clean:  ## remove runs, sweeps and the cache (keeps .venv and checkpoints)
 	rm -rf outputs .pytest_cache

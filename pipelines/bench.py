@@ -51,7 +51,7 @@ def main(overrides: list[str]) -> dict:
     singles = {}
     for precision, fmt in CELLS:
         name = f"{precision}_{fmt}"
-        singles[name] = timed([f"precision={precision}", f"format={fmt}", *overrides,
+        singles[name] = timed([f"precision={precision}", f"format={fmt}", "target=any", *overrides,
                                f"cache.dir={root}/single-cache-{name}", f"hydra.run.dir={root}/single-{name}"],
                               root / f"single-{name}.log")
         print(f"  single {name:<10} {singles[name]:5.1f} s (empty cache)")

@@ -1,13 +1,13 @@
 """The multirun report: one row per cell (part x precision x format) of a sweep.
 
-A Hydra callback: when a sweep ends it reads every job's report.json and writes matrix.md,
-matrix.csv, matrix.json and matrix.png into the sweep directory, and prints the table.
+A Hydra callback: when a sweep ends it reads every job's report.json and writes matrix.html (the
+table, plots and each cell's diagnosis, pipelines/html_report.py), matrix.md, matrix.csv,
+matrix.json, matrix_size.png and matrix_latency.png into the sweep directory, and prints the table.
 """
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import logs
-from .report import human_bytes, table
+from .html_report import plots, write_html
+from .report import human_bytes, latency_cells, table, target_cell
 
 COLUMNS = ["cell", "status", "size", "vs fp32", "zlib", "max abs", "cosine", "accuracy",
-           "seconds"]
+           "p50 ms", "vs eager", "target runtime", "seconds"]
 
 
 class MatrixReport(Callback):
@@ -29,7 +30,7 @@ class MatrixReport(Callback):
         if not rows:
             return
         write(rows, sweep_dir)
-        logs.console().write(f"\n{render(rows)}\n\nmatrix: {sweep_dir}/matrix.md\n")
+        logs.console().write(f"\n{render(rows)}\n\nmatrix: {sweep_dir}/matrix.html (and .md, .csv, .json)\n")
         if any(row["status"] == "fail" for row in rows):
             sys.exit(1)
 
@@ -55,6 +56,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "top1_agreement": min([*(verify.get("top1_agreement") or {}).values(),
                                        *([acc["top1_agreement"]] if acc else [])], default=None),
                 "seconds": part.get("seconds"),
+                **_latency_columns(part.get("latency")), **_target_columns(part.get("target")),
+                "diagnosis": _diagnosis_line(verify),
                 "artifact": part.get("artifact"), "job_dir": str(path.parent),
             })
     fp32 = {(r["model"], r["part"], r["format"]): r["file_bytes"] for r in rows
@@ -70,6 +73,31 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                                        order.get(r["precision"], 9)))
 
 
+def _latency_columns(latency: dict[str, Any] | None) -> dict[str, Any]:
+    latency = latency or {}
+    return {"runtime": latency.get("runtime"), "threads": latency.get("threads"),
+            "latency_p50_ms": latency.get("p50_ms"), "latency_p90_ms": latency.get("p90_ms"),
+            "eager_p50_ms": latency.get("eager_p50_ms"), "speedup": latency.get("speedup")}
+
+
+def _target_columns(target: dict[str, Any] | None) -> dict[str, Any]:
+    target = target or {}
+    return {"target_status": target.get("status"), "target_runtime": target.get("runtime"),
+            "target_reason": target.get("reason"), "target_max_abs": target.get("max_abs"),
+            "target_cosine": target.get("cosine"), "target_p50_ms": target.get("p50_ms"),
+            "target_seconds": target.get("seconds")}
+
+
+def _diagnosis_line(verify: dict[str, Any]) -> str | None:
+    """The diagnosis in one line, for a cell that has one (stages/diagnose.py's describe)."""
+    diagnosis = verify.get("diagnosis")
+    if not diagnosis:
+        return None
+    suspects = diagnosis.get("suspects") or []
+    return (f"{suspects[0]['module']} ({suspects[0]['type']}): {suspects[0]['why']}" if suspects
+            else diagnosis.get("note") or "no layer stands out: the error builds up across the model")
+
+
 def cells(rows: list[dict[str, Any]]) -> list[list[str]]:
     def number(value, spec):
         return "-" if value is None else format(value, spec)
@@ -77,15 +105,23 @@ def cells(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[f"{r['model']}/{r['part']} {r['precision']} {r['format']}", r["status"].upper(),
              human_bytes(r["file_bytes"]), number(r["size_ratio_to_fp32"], ".2f"),
              human_bytes(r["compressed_bytes"]), number(r["max_abs"], ".2e"), number(r["cosine"], ".5f"),
-             "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}", number(r["seconds"], ".1f")]
+             "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
+             *latency_cells({"p50_ms": r["latency_p50_ms"], "speedup": r["speedup"]}
+                            if r["latency_p50_ms"] is not None else None),
+             target_cell({"status": r["target_status"], "runtime": r["target_runtime"],
+                          "max_abs": r["target_max_abs"], "p50_ms": r["target_p50_ms"]}
+                         if r["target_status"] else None),
+             number(r["seconds"], ".1f")]
             for r in rows]
 
 
 def notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(cell, text) for every failure, fallback reason and warning."""
+    """(cell, text) for every failure, repair, warning and target runtime that did not pass."""
     return [(f"{r['model']}/{r['part']} {r['precision']} {r['format']}", text)
             for r in rows for text in ([r["error"]] if r["error"] else [])
-            + [f"warning: {w}" for w in r["warnings"]]]
+            + [f"warning: {w}" for w in r["warnings"]]
+            + ([f"target runtime {r['target_status'].upper()}: {r['target_reason']}"]
+               if r["target_status"] in ("fail", "skipped") else [])]
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -102,31 +138,4 @@ def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     md += ["| " + " | ".join(c) + " |" for c in cells(rows)]
     md += [""] + [f"- **{cell}**: {text}" for cell, text in notes(rows)]
     (sweep_dir / "matrix.md").write_text("\n".join(md) + "\n")
-    plot(rows, sweep_dir / "matrix.png")
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Size against worst verification error, one labelled point per cell."""
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is not the run
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [r for r in rows if r["file_bytes"] and r["max_abs"] is not None]
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colours = {"pass": "tab:green", "mixed": "tab:olive", "fallback": "tab:orange", "fail": "tab:red"}
-    for r in points:
-        axes.scatter(r["file_bytes"] / 1024, max(r["max_abs"], 1e-9), color=colours[r["status"]])
-        axes.annotate(f"{r['part']} {r['precision']} {r['format']}",
-                      (r["file_bytes"] / 1024, max(r["max_abs"], 1e-9)),
-                      textcoords="offset points", xytext=(5, 4), fontsize=8)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("artifact size (KiB)")
-    axes.set_ylabel("worst max abs error vs eager PyTorch")
-    axes.set_title("size vs fidelity (green pass, olive mixed, orange fallback, red fail)")
-    axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    write_html(rows, sweep_dir, plots(rows, sweep_dir))

@@ -43,6 +43,9 @@ class Stage:
     code: tuple[str, ...]  # modules besides its own whose source versions it
     reads: Callable[[DictConfig], list[str]] | None = None  # outside files hashed into the key
     artifacts: tuple[str, ...] = field(default=())  # globs of its files copied into the run's artifacts/
+    # facts about this host its result depends on (a latency: the CPU; a browser check: the
+    # browser's version), hashed into the key so a shared cache never serves another host's
+    environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def needs_for(self, view: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(view) if callable(self.needs) else self.needs
@@ -58,11 +61,12 @@ STAGES: dict[str, Stage] = {}
 def stage(name: str, *, needs: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (),
           config: tuple[str, ...] = (),
           code: tuple[str, ...] = (), reads: Callable[[DictConfig], list[str]] | None = None,
-          artifacts: tuple[str, ...] = ()):
+          artifacts: tuple[str, ...] = (),
+          environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     """Register `fn(ctx) -> result dict` as a pipeline stage."""
 
     def register(fn: Callable[[StageContext], dict[str, Any]]):
-        STAGES[name] = Stage(name, fn, needs, config, code, reads, artifacts)
+        STAGES[name] = Stage(name, fn, needs, config, code, reads, artifacts, environment)
         return fn
 
     return register

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import PipelineError
 
-RETRYABLE = ("quantize", "lower", "verify", "size_audit")  # stages a rebuild from quantize can fix
+RETRYABLE = ("quantize", "lower", "verify", "verify_target", "size_audit")  # a rebuild can fix
 
 
 def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> bool:

@@ -34,9 +34,27 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
         "quantization": run.result("quantize").get("method"),
         "warnings": [w for stage in ("lower", "size_audit") for w in run.result(stage).get("warnings", [])],
         "verify": verify or None, "size": size or None,
+        "latency": _latency(run.result("benchmark")), "target": _target(run.result("verify_target")),
         "seconds": round(sum(r.seconds for r in run.records), 3),
         "cache_hits": sum(r.hit for r in run.records), "stages_run": len(run.records),
     }
+
+
+def _latency(benchmark: dict[str, Any]) -> dict[str, Any] | None:
+    keys = ("runtime", "threads", "p50_ms", "p90_ms", "runs", "eager_p50_ms", "speedup", "load_average")
+    return {k: benchmark[k] for k in keys if k in benchmark} if "p50_ms" in benchmark else None
+
+
+def _target(check: dict[str, Any]) -> dict[str, Any] | None:
+    """The target runtime's verdict and figures (verify_target), when it has one."""
+    if not check:
+        return None
+    outputs = (check.get("outputs") or {}).values()
+    return {"status": check["status"], "runtime": check.get("runtime"), "reason": check.get("reason"),
+            "max_abs": max((o["max_abs"] for o in outputs), default=None),
+            "cosine": min((o["cosine"] for o in outputs), default=None),
+            "top1_agreement": check.get("top1_agreement"), "accuracy": check.get("accuracy"),
+            "p50_ms": (check.get("latency") or {}).get("p50_ms"), "seconds": check.get("seconds")}
 
 
 def _mixed_reason(run: PartRun, size: dict[str, Any]) -> str | None:
@@ -91,7 +109,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def summary_table(report: dict[str, Any]) -> str:
     header = ["part", "status", "artifact", "size", "zlib", "max abs", "cosine", "accuracy",
-              "cache", "seconds"]
+              "p50 ms", "vs eager", "target runtime", "cache", "seconds"]
     rows = []
     for part in report["parts"]:
         verify, size = part["verify"] or {}, part["size"] or {}
@@ -103,6 +121,7 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{max(o['max_abs'] for o in outputs):.2e}" if outputs else "-",
             f"{min(o['cosine'] for o in outputs):.6f}" if outputs else "-",
             f"{acc['eager']:.2%} -> {acc['artifact']:.2%}" if acc else "-",
+            *latency_cells(part["latency"]), target_cell(part["target"]),
             f"{part['cache_hits']}/{part['stages_run']} hits", f"{part['seconds']:.1f}",
         ])
     title = (f"{report['model']}  {report['precision']} -> {report['format']}  "
@@ -111,7 +130,27 @@ def summary_table(report: dict[str, Any]) -> str:
     notes = [f"  {p['part']}: {p['error'] or p['repair']}" for p in report["parts"]
              if p["error"] or p["repair"]]
     notes += [f"  {p['part']}: warning: {w}" for p in report["parts"] for w in p["warnings"]]
+    notes += [f"  {p['part']}: target runtime {p['target']['status'].upper()}: {p['target']['reason']}"
+              for p in report["parts"] if p["target"] and p["target"]["status"] in ("fail", "skipped")]
     return "\n".join([title, table(rows, header), *notes])
+
+
+def latency_cells(latency: dict[str, Any] | None) -> list[str]:
+    """p50 ms and the speed-up over eager fp32, for the tables."""
+    if not latency:
+        return ["-", "-"]
+    return [f"{latency['p50_ms']:.3g}", f"{latency['speedup']:.2f}x"]
+
+
+def target_cell(target: dict[str, Any] | None) -> str:
+    """The target runtime's verdict in a table cell: `wasm PASS 1.4e-06 0.05 ms`, `SKIPPED`, `-`."""
+    if not target or target["status"] == "n/a":
+        return "-"
+    if target["status"] == "skipped":
+        return "SKIPPED"
+    backend = (target["runtime"] or "").split(",")[0].split()[-1]
+    latency = f" {target['p50_ms']:.3g} ms" if target["p50_ms"] is not None else ""
+    return f"{backend} {target['status'].upper()} {target['max_abs']:.2g}{latency}"
 
 
 def _relative(path: str | None, base: str) -> str:

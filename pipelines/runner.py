@@ -19,7 +19,7 @@ from .repair import repair
 from .versions import library_versions, module_source_hash, sha256_file
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
-         "lower", "verify", "size_audit")
+         "lower", "verify", "verify_target", "baseline", "benchmark", "size_audit")
 
 
 @dataclass
@@ -139,6 +139,7 @@ class Runner:
             "libraries": library_versions(),
             "files": {path: sha256_file(Path(path)) for path in
                       (stage.reads(view) if stage.reads else []) if Path(path).is_file()},
+            **({"environment": stage.environment(view)} if stage.environment else {}),
         }
         key = compute_key(material)
         inputs = {need: run.outputs[need] for need in needs}

@@ -194,6 +194,9 @@ class TargetConfig:
 
     name: str = MISSING  # server | web | android
     isa: List[Isa] = MISSING  # every CPU family the artifact may meet
+    # format -> module of stages/runtimes/ that runs this target's artifacts (verify_target);
+    # a format not named runs in the host's runtime, which verify already ran
+    runtime: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,6 +245,20 @@ class VerifyConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """Latency at batch 1 in the artifact's runtime, and of eager PyTorch FP32 as the reference:
+    `warmup` calls, then calls until both `min_runs` and `min_seconds` are reached (at most
+    `max_runs`), on `threads` threads in every runtime."""
+
+    enabled: bool = True
+    threads: int = 1
+    warmup: int = 5
+    min_runs: int = 20
+    max_runs: int = 500
+    min_seconds: float = 1.0
+
+
+@dataclass
 class WrapConfig:
     state: StateMode = StateMode.auto
     strict_export: bool = False  # torch.export strict mode
@@ -270,6 +287,7 @@ class RootConfig:
     verify: VerifyConfig = MISSING
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     wrap: WrapConfig = field(default_factory=WrapConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     recipe: Optional[str] = None  # set by recipe files, for reports and run-dir names
 

@@ -88,6 +88,12 @@ def host_cpu() -> dict[str, object]:
             **{name: any(f in flags for f in names) for name, names in CPU_FEATURES.items()}}
 
 
+def host_isa() -> str:
+    """This host's instruction set, as targets name them (x86_64, arm64)."""
+    machine = platform.machine()
+    return {"AMD64": "x86_64", "aarch64": "arm64"}.get(machine, machine)
+
+
 def _cores() -> int:
     import os
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 
+from .fidelity import check, compare
 from .tensors import NUMPY_DTYPES, integer_range
 
 Step = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in io order
@@ -75,8 +76,6 @@ def verify_stream(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], rese
                   artifact: Step, io: Mapping[str, Any]) -> dict[str, Any]:
     """Every chunk's outputs, artifact vs eager (buffers reset at the start), each within the
     tolerance; beside them what a stateless export would give on the same chunks."""
-    from .verify import check, compare
-
     state_inputs = {s["input"] for s in eager_io["state"]}
     chunks = signal_chunks(cfg, [s for s in eager_io["inputs"] if s["name"] not in state_inputs])
     reset()

@@ -77,7 +77,7 @@ def test_dev_recipes_give_verified_artifacts_and_a_warm_rerun_is_all_hits(
     first_manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
     stages = manifest["parts"]["classifier"]["stages"]
-    assert len(stages) == 9 and all(s["cache"] == "hit" for s in stages)
+    assert len(stages) == 12 and all(s["cache"] == "hit" for s in stages)
     assert manifest["parts"]["classifier"]["artifacts"] == first_manifest["parts"]["classifier"]["artifacts"]
     assert manifest["checkpoint"]["sha256"] and manifest["packages"]["torch"].startswith("2.13.0")
 

@@ -37,7 +37,8 @@ def sweep(tmp_path_factory, demo_checkpoint) -> Path:
 
 
 def test_the_sweep_builds_six_verified_cells_and_one_report(sweep):
-    for name in ("matrix.md", "matrix.csv", "matrix.json", "matrix.png"):
+    for name in ("matrix.html", "matrix.md", "matrix.csv", "matrix.json", "matrix_size.png",
+                 "matrix_latency.png"):
         assert (sweep / name).stat().st_size > 0, name
     rows = json.loads((sweep / "matrix.json").read_text())
     assert {(r["precision"], r["format"]) for r in rows} == {
@@ -54,6 +55,38 @@ def test_the_sweep_builds_six_verified_cells_and_one_report(sweep):
         assert len(list(csv.DictReader(handle))) == 6
     table = (sweep / "matrix.md").read_text()
     assert table.count("| digits_cnn/classifier") == 6 and "vs fp32" in table
+
+
+def test_every_cell_is_timed_and_every_onnx_cell_verified_in_the_browser(sweep):
+    from stages.runtimes import browser
+
+    rows = json.loads((sweep / "matrix.json").read_text())
+    for row in rows:
+        assert row["latency_p50_ms"] > 0 and row["eager_p50_ms"] > 0 and row["threads"] == 1
+        assert row["speedup"] == pytest.approx(row["eager_p50_ms"] / row["latency_p50_ms"], rel=1e-2)
+        if row["format"] == "pte":
+            assert row["target_status"] == "n/a"
+        elif browser.available() is None:  # Chromium and onnxruntime-web installed (make test does)
+            assert row["target_status"] == "pass", row["target_reason"]
+            assert "onnxruntime-web" in row["target_runtime"] and "wasm" in row["target_runtime"]
+            assert row["target_p50_ms"] > 0 and row["target_cosine"] > 0.98
+        else:
+            assert row["target_status"] == "skipped" and row["target_reason"] == browser.available()
+
+
+def test_matrix_html_opens_in_chromium_with_every_cell(sweep, tmp_path):
+    from stages.runtimes import page
+
+    if reason := page.available():
+        pytest.skip(reason)
+    shot = page.screenshot(sweep / "matrix.html")
+    (tmp_path / "matrix.png").write_bytes(shot.png)
+    assert len(shot.png) > 20_000
+    for precision in ("fp32", "fp16", "int8"):
+        for fmt in ("onnx", "pte"):
+            assert f"{precision} {fmt}" in shot.text
+    assert "PASS" in shot.text and "Plots" in shot.text
+    assert (sweep / "matrix.html").read_text().count("data:image/png;base64,") == 2  # both plots inline
 
 
 def test_every_cell_artifact_runs_in_its_runtime_and_agrees_with_eager(sweep, demo_checkpoint):

@@ -8,8 +8,11 @@ Each backend module defines:
                                              in, at fp32 (done once per format for a sweep)
     quantize(job) -> dict                    precision applied to convert's output
     lower(job) -> dict                       the deployable file (+ program stats) in job.workdir
-    load(artifact: Path) -> Callable         runs the artifact in its real runtime:
-                                             fn({input name: array}) -> [output arrays]
+    runtime(as_written) -> str               the runtime load() uses, with its version
+    load(artifact, io, threads, as_written)  runs the artifact in its real runtime:
+                                             fn({input name: array}) -> [output arrays];
+                                             as_written: the graph's own arithmetic, not fused
+                                             kernels of this host that the target does not have
     inspect(artifact: Path) -> dict          weights by dtype, quantized-op counts, delegation
     reference(job) -> (Callable, types)      quantize's program run by a trusted evaluator (not
                                              the runtime's kernels): fn(feed) -> (outputs,

@@ -239,10 +239,26 @@ def _save(model, path: Path) -> None:
                     location=path.name + ".data" if external else None)
 
 
-def load(artifact: Path, io: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+def runtime(as_written: bool = False) -> str:
+    """The runtime load() runs an artifact in, as a report names it."""
+    from importlib.metadata import version
+
+    return f"onnxruntime {version('onnxruntime')} CPU" + (", QDQ unfused" if as_written else "")
+
+
+def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_written: bool = False
+         ) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """as_written: quantize/dequantize run as the graph writes them, not fused into this CPU's
+    int8 kernels: the numbers any runtime computing the graph exactly gives (onnxruntime-web's
+    wasm does), for a target whose kernels are not this host's."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if as_written:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -211,9 +211,22 @@ def _op_name(target: Any) -> str:
     return parts[-2] if len(parts) >= 2 else getattr(target, "__name__", str(target))
 
 
-def load(artifact: Path, io: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+def runtime(as_written: bool = False) -> str:
+    """The runtime load() runs an artifact in, as a report names it."""
+    from importlib.metadata import version
+
+    return f"executorch {version('executorch')} runtime, XNNPACK"
+
+
+def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_written: bool = False
+         ) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """as_written is accepted for the common interface: XNNPACK's int8 kernels accumulate in
+    int32 on every CPU, so the host's own kernels already compute the program as written."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
+    if threads:
+        _unsafe_reset_threadpool(threads)  # XNNPACK's pool: every call of this process
     method = Runtime.get().load_program(Path(artifact)).load_method("forward")
     names = [spec["name"] for spec in io["inputs"]]
     meta = method.metadata

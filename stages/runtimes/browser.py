@@ -47,11 +47,18 @@ class BrowserUnavailable(Exception):
     """The browser runtime cannot run here; the message is a one-line reason."""
 
 
-def available(executable: str | None = None) -> str | None:
-    """None if a WebSession can start (cheap: files only, no launch), else the reason."""
+def chromium_available(executable: str | None = None) -> str | None:
+    """None if the Chromium executable is there (no launch), else the reason."""
     executable = executable or CHROMIUM
     if not (shutil.which(executable) or os.access(executable, os.X_OK)):
         return f"no Chromium at {executable} (run web/install.sh)"
+    return None
+
+
+def available(executable: str | None = None) -> str | None:
+    """None if a WebSession can start (cheap: files only, no launch), else the reason."""
+    if reason := chromium_available(executable):
+        return reason
     if not (DIST / "ort.wasm.min.mjs").is_file():
         return f"onnxruntime-web is not installed in {WEB / 'node_modules'} (run web/install.sh)"
     if not (PAGE / "runner.js").is_file():
@@ -174,7 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 # --- Chromium over the DevTools protocol on a pipe --------------------------------------------
 
-class _Chromium:
+class Chromium:
     """Headless Chromium; CDP messages are NUL-terminated JSON on fd 3 (to it) and fd 4 (from it)."""
 
     def __init__(self, executable: str, profile: Path, url: str):
@@ -266,6 +273,16 @@ class _Chromium:
             raise RuntimeError(f"{method}: {waiter[1]['error'].get('message')}")
         return waiter[1]["result"]
 
+    def page_session(self, timeout: float = 30) -> str:
+        """The DevTools session of the page Chromium opened at launch."""
+        deadline = time.monotonic() + timeout
+        while not (pages := [t["targetId"] for t in self.send("Target.getTargets")["targetInfos"]
+                             if t["type"] == "page"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Chromium opened no page in {timeout:.0f} s")
+            time.sleep(0.01)
+        return self.send("Target.attachToTarget", {"targetId": pages[0], "flatten": True})["sessionId"]
+
     def close(self):
         """SIGKILL to its whole process group: the profile is thrown away, so nothing needs an
         orderly exit (Browser.close takes ~0.5 s; after SIGTERM its helpers linger ~1.5 s)."""
@@ -276,6 +293,20 @@ class _Chromium:
 
 
 # --- the session -------------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    """What a browser check depends on, read cheaply (for a cache key): the Chromium binary and
+    the installed onnxruntime-web."""
+    chromium = Path(shutil.which(CHROMIUM) or CHROMIUM)
+    package = DIST.parent / "package.json"
+    return {"chromium": [chromium.stat().st_size, chromium.stat().st_mtime_ns] if chromium.exists() else None,
+            "onnxruntime_web": json.loads(package.read_text())["version"] if package.exists() else None}
+
+
+def session(model: Path, threads: int = 1) -> WebSession:
+    """A WebSession on the model (the runtime module contract, stages/runtimes/__init__.py)."""
+    return WebSession(model, threads)
+
 
 class WebSession:
     """One model in onnxruntime-web (wasm, a fixed thread count) in one headless Chromium page."""
@@ -298,7 +329,7 @@ class WebSession:
         self._profile = Path(tempfile.mkdtemp(prefix="ort-web-", dir=memory))
         self._browser = None
         try:
-            self._browser = _Chromium(shutil.which(executable) or executable, self._profile,
+            self._browser = Chromium(shutil.which(executable) or executable, self._profile,
                                       self._server.url + "/index.html")
             launched = time.perf_counter()
             self._session = self._open_page()
@@ -327,13 +358,7 @@ class WebSession:
     def _open_page(self) -> str:
         """The DevTools session of the page Chromium opened at launch, once runner.js is up."""
         deadline = time.monotonic() + 30
-        while not (pages := [t["targetId"] for t in self._browser.send("Target.getTargets")["targetInfos"]
-                             if t["type"] == "page"]):
-            if time.monotonic() > deadline:
-                raise TimeoutError("Chromium opened no page in 30 s")
-            time.sleep(0.01)
-        session = self._browser.send("Target.attachToTarget",
-                                     {"targetId": pages[0], "flatten": True})["sessionId"]
+        session = self._browser.page_session(30)
         self._browser.send("Runtime.enable", session=session)
         while time.monotonic() < deadline:  # the page may still be about:blank, or navigating
             try:
@@ -385,6 +410,11 @@ class WebSession:
             return self._eval(f"runner.time('/blob/{key}', {int(warmup)}, {int(runs)})")
         finally:
             self._server.blobs.pop(key, None)
+
+    def describe(self) -> str:
+        info = self.info
+        return (f"onnxruntime-web {info['onnxruntime_web']} {info['backend']}, {info['chromium']}, "
+                f"{info['threads']} thread(s)")
 
     def close(self) -> None:
         """Close the browser, the server and the temporary profile."""
