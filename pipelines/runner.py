@@ -196,4 +196,7 @@ class Runner:
         target.mkdir(parents=True, exist_ok=True)
         for pattern in stage.artifacts:
             for path in directory.glob(pattern):
-                shutil.copy2(path, target / path.name)
+                if path.is_dir():  # a folder of test cases (test_data_set_0/)
+                    shutil.copytree(path, target / path.name, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(path, target / path.name)

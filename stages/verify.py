@@ -30,8 +30,8 @@ def _reads(view) -> list[str]:
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
        config=("verify", "precision", "format", "target.isa", "model.arch", "model.factory", "part"),
        code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.streaming",
-             "stages.diagnose", "stages.upstream", "stages.fidelity"),
-       reads=_reads, artifacts=("verify.json",))
+             "stages.diagnose", "stages.upstream", "stages.fidelity", "stages.testcases"),
+       reads=_reads, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
 def run(ctx: StageContext) -> dict:
     from .model_builder import as_step, load_part
 
@@ -50,6 +50,8 @@ def run(ctx: StageContext) -> dict:
     step = as_step(eager, eager_io["inputs"])  # without internal state, io has the same inputs
     # a module that updates its buffers is not a function of one input: only a stream tests it
     report, first = ({}, None) if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
+    if first:  # the artifact carries a few held-out cases and its own outputs for them
+        report["test_cases"] = _test_cases(ctx, lower, io, step, artifact, first[0], tolerance)
     if eager_io["state"] or eager_io["internal_state"]:
         from .streaming import verify_stream
 
@@ -78,6 +80,35 @@ def run(ctx: StageContext) -> dict:
                             f" stateless would be {stream['stateless_baseline']['max_abs']:.2e}"
                             if stream else ""))
     return report
+
+
+TEST_CASES = 3
+
+
+def _test_cases(ctx: StageContext, lower, io, eager, artifact, batch, tolerance) -> dict[str, Any]:
+    """Beside the artifact (copied into the run's artifacts/): the first held-out examples, one
+    call each, with the artifact's outputs as expected values and eager's for reference
+    (stages/testcases.py: an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make
+    check-artifact` re-runs them anywhere. Where the precision sets no max_abs (int8), cases are
+    judged to 10% of the largest expected value, the atol a bundled runner needs."""
+    from .formats import link_or_copy
+    from .testcases import write
+
+    count = min(TEST_CASES, len(next(iter(batch.values()))))
+    feeds = [{name: array[i:i + 1] for name, array in batch.items()} for i in range(count)]
+    expected = [artifact(feed) for feed in feeds]
+    largest = max(float(np.abs(o).max(initial=0)) for outputs in expected for o in outputs)
+    bounds = {"max_abs": tolerance.max_abs if tolerance.max_abs is not None else round(0.1 * largest, 6),
+              "min_cosine": tolerance.min_cosine}
+    model = ctx.workdir / lower.result["artifact"]
+    link_or_copy(lower.dir / lower.result["artifact"], model)
+    try:
+        files = write(model, io, feeds, expected, [eager(feed) for feed in feeds], bounds,
+                      {"precision": ctx.cfg.precision.name, "format": ctx.cfg.format.name,
+                       "target_isa": list(ctx.cfg.target.isa)})
+    finally:
+        model.unlink()  # the model itself is lower's; the cases go beside it in artifacts/
+    return {"cases": count, "files": files, "tolerance": bounds}
 
 
 def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:

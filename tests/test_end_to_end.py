@@ -71,6 +71,11 @@ def test_dev_recipes_give_verified_artifacts_and_a_warm_rerun_is_all_hits(
     assert verify["examples"] == len(labels) and verify["outputs"]["logits"]["max_abs"] <= 1e-4
     size = report["parts"][0]["size"]
     assert size["file_bytes"] == artifact.stat().st_size and 0 < size["compressed_bytes"] < size["file_bytes"]
+    cases = artifact.parent / ("test_data_set_2" if suffix == ".onnx" else "model.bpte")
+    assert cases.exists()  # the artifact carries its test cases, re-run by check-artifact:
+    checked = subprocess.run([sys.executable, "-m", "pipelines.check_artifact", str(artifact.parent)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and checked.stdout.startswith("PASS") and "3 cases" in checked.stdout
 
     second = run_cli(f"recipe={recipe}", cache=cache, run_dir=tmp_path / "second")
     assert second.returncode == 0, second.stdout + second.stderr
