@@ -1,4 +1,4 @@
-"""Re-run the test cases that travel with artifacts (stages/testcases.py) in their runtimes.
+"""Re-run the test cases that travel with artifacts (stages/support/testcases.py) in their runtimes.
 
     python -m pipelines.check_artifact PATH [PATH...]
 
@@ -31,7 +31,7 @@ def artifacts(path: Path) -> list[Path]:
 
 def line(artifact: Path) -> tuple[bool, str]:
     """The verdict on one artifact, as one line."""
-    from stages.testcases import check
+    from stages.support.testcases import check
 
     try:
         result = check(artifact)

@@ -89,7 +89,7 @@ def _target_columns(target: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _diagnosis_line(verify: dict[str, Any]) -> str | None:
-    """The diagnosis in one line, for a cell that has one (stages/diagnose.py's describe)."""
+    """The diagnosis in one line, for a cell that has one (stages/support/diagnose.py's describe)."""
     diagnosis = verify.get("diagnosis")
     if not diagnosis:
         return None

@@ -240,7 +240,7 @@ class VerifyConfig:
     samples: int = 64  # held-out inputs when the model has no eval_data
     batch_size: int = 16
     seed: int = 1234  # differs from calibration's seed: verification never sees calibration inputs
-    diagnose: Diagnose = Diagnose.on_failure  # per-layer errors vs eager (stages/diagnose.py)
+    diagnose: Diagnose = Diagnose.on_failure  # per-layer errors vs eager (stages/support/diagnose.py)
     stream: StreamConfig = field(default_factory=StreamConfig)  # parts with state
 
 

@@ -6,16 +6,16 @@ import json
 
 from pipelines.registry import StageContext, stage
 
-from . import timing
+from .support import timing
 
 
 @stage("baseline", needs=("load_checkpoint", "clean_state_dict", "wrap"),
        config=("model.arch", "model.factory", "part", "benchmark"),
-       code=("stages.model_builder", "stages.tensors", "stages.timing"), environment=timing.host)
+       code=("stages.support.model_builder", "stages.support.tensors", "stages.support.timing"), environment=timing.host)
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from .model_builder import as_step, load_part
+    from .support.model_builder import as_step, load_part
 
     cfg = ctx.cfg.benchmark
     if not cfg.enabled:

@@ -6,12 +6,12 @@ import json
 
 from pipelines.registry import StageContext, stage
 
-from . import timing
+from .support import timing
 from .formats import backend
 
 
 @stage("benchmark", needs=("lower", "baseline"), config=("format.name", "benchmark"),
-       code=("stages.formats", "stages.tensors", "stages.timing"), environment=timing.host)
+       code=("stages.formats", "stages.support.tensors", "stages.support.timing"), environment=timing.host)
 def run(ctx: StageContext) -> dict:
     cfg, eager = ctx.cfg.benchmark, ctx.input("baseline").result
     if not cfg.enabled:

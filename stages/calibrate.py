@@ -8,7 +8,7 @@ import numpy as np
 from pipelines.errors import PipelineError, root_cause
 from pipelines.registry import StageContext, stage
 
-from .tensors import as_examples, dataset_files, synthetic_examples
+from .support.tensors import as_examples, dataset_files, synthetic_examples
 
 
 def _files(view) -> list[str]:
@@ -20,7 +20,7 @@ def _files(view) -> list[str]:
 
 
 @stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data"),
-       code=("stages.tensors",), reads=_files)
+       code=("stages.support.tensors",), reads=_files)
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg.calibration
     specs = list(ctx.cfg.part.inputs)

@@ -12,13 +12,13 @@ from pipelines.registry import StageContext, stage
 
 @stage("clean_state_dict", needs=("load_checkpoint",),
        config=("model.clean", "model.arch", "model.factory"),
-       code=("stages.state_dict_cleaning", "stages.model_builder", "stages.formats"),
+       code=("stages.support.state_dict_cleaning", "stages.support.model_builder", "stages.formats"),
        artifacts=("key_report.json",))
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from .model_builder import build_model
-    from .state_dict_cleaning import CleanOptions, KeysDoNotFit, clean_state_dict
+    from .support.model_builder import build_model
+    from .support.state_dict_cleaning import CleanOptions, KeysDoNotFit, clean_state_dict
 
     loaded = ctx.input("load_checkpoint")
     if loaded.result["has_program"]:

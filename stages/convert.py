@@ -15,10 +15,10 @@ from .formats import Job, backend
 
 
 @stage("convert", needs=("wrap",), config=("format", "wrap.state"),
-       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.state_io",
-             "stages.export_errors"))
+       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
+             "stages.support.export_errors"))
 def run(ctx: StageContext) -> dict:
-    from .state_io import select
+    from .support.state_io import select
 
     fmt = backend(ctx.cfg.format.name)
     source, io = select(ctx.input("wrap").dir, ctx.cfg.wrap.state, ctx.cfg.format.name,

@@ -8,11 +8,11 @@ from pipelines.registry import StageContext, stage
 
 
 @stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle"),
-       code=("stages.checkpoint_formats",), reads=lambda view: [view["model"]["checkpoint"]])
+       code=("stages.support.checkpoint_formats",), reads=lambda view: [view["model"]["checkpoint"]])
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from .checkpoint_formats import load_checkpoint_file
+    from .support.checkpoint_formats import load_checkpoint_file
 
     path = Path(ctx.cfg.model.checkpoint)
     loaded = load_checkpoint_file(path, allow_pickle=ctx.cfg.model.allow_pickle)

@@ -20,8 +20,8 @@ def _needs(view) -> tuple[str, ...]:
 
 
 @stage("quantize", needs=_needs, config=("precision.name", "format", "quantize", "target"),
-       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.state_io",
-             "stages.streaming", "stages.export_errors", "stages.upstream"))
+       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
+             "stages.support.streaming", "stages.support.export_errors", "stages.upstream"))
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict:
     except PipelineError:
         raise
     except Exception as exc:  # the quantizer's own error: name the node and module it broke on
-        from .export_errors import quantizer_failure
+        from .support.export_errors import quantizer_failure
 
         raise quantizer_failure(exc) from exc
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))

@@ -1,7 +1,7 @@
 """verify: run the artifact in its real runtime on held-out inputs and compare with eager PyTorch.
 
 A part with state (buffers updated in forward, or declared state pairs) is also verified chunk by
-chunk on a stream, its state carried as an app carries it (stages/streaming.py).
+chunk on a stream, its state carried as an app carries it (stages/support/streaming.py).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pipelines.logs import progress
 from pipelines.registry import StageContext, stage
 from pipelines.versions import host_isa
 
-from .fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
+from .support.fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
 from .formats import Job, backend
-from .tensors import as_examples, batch_count, batches, dataset_files, synthetic_examples
+from .support.tensors import as_examples, batch_count, batches, dataset_files, synthetic_examples
 
 
 def _reads(view) -> list[str]:
@@ -29,11 +29,11 @@ def _reads(view) -> list[str]:
 
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
        config=("verify", "precision", "format", "target.isa", "model.arch", "model.factory", "part"),
-       code=("stages.formats", "stages.model_builder", "stages.tensors", "stages.streaming",
-             "stages.diagnose", "stages.upstream", "stages.fidelity", "stages.testcases"),
+       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.streaming",
+             "stages.support.diagnose", "stages.upstream", "stages.support.fidelity", "stages.support.testcases"),
        reads=_reads, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
 def run(ctx: StageContext) -> dict:
-    from .model_builder import as_step, load_part
+    from .support.model_builder import as_step, load_part
 
     wrap, lower = ctx.input("wrap"), ctx.input("lower")
     eager_io = json.loads((wrap.dir / "io.json").read_text())  # the module's own inputs/outputs
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
     if first:  # the artifact carries a few held-out cases and its own outputs for them
         report["test_cases"] = _test_cases(ctx, lower, io, step, artifact, first[0], tolerance)
     if eager_io["state"] or eager_io["internal_state"]:
-        from .streaming import verify_stream
+        from .support.streaming import verify_stream
 
         report["stream"] = verify_stream(ctx.cfg.verify.stream, tolerance, step, eager_io,
                                          _resetter(eager, eager_io), artifact, io)
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
         report["passed"], report["reason"] = report["stream"]["passed"], report["stream"]["reason"]
     mode = ctx.cfg.verify.diagnose
     if first and not io["state"] and (mode == "always" or mode == "on_failure" and not report["passed"]):
-        from .diagnose import describe
+        from .support.diagnose import describe
 
         report["diagnosis"] = _diagnosis(ctx, eager, *first)
         if not report["passed"]:
@@ -88,11 +88,11 @@ TEST_CASES = 3
 def _test_cases(ctx: StageContext, lower, io, eager, artifact, batch, tolerance) -> dict[str, Any]:
     """Beside the artifact (copied into the run's artifacts/): the first held-out examples, one
     call each, with the artifact's outputs as expected values and eager's for reference
-    (stages/testcases.py: an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make
+    (stages/support/testcases.py: an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make
     check-artifact` re-runs them anywhere. Where the precision sets no max_abs (int8), cases are
     judged to 10% of the largest expected value, the atol a bundled runner needs."""
     from .formats import link_or_copy
-    from .testcases import write
+    from .support.testcases import write
 
     count = min(TEST_CASES, len(next(iter(batch.values()))))
     feeds = [{name: array[i:i + 1] for name, array in batch.items()} for i in range(count)]
@@ -112,8 +112,8 @@ def _test_cases(ctx: StageContext, lower, io, eager, artifact, batch, tolerance)
 
 
 def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:
-    """Per-layer errors of quantize's program on one held-out batch (stages/diagnose.py)."""
-    from .diagnose import diagnose
+    """Per-layer errors of quantize's program on one held-out batch (stages/support/diagnose.py)."""
+    from .support.diagnose import diagnose
 
     quantized = ctx.input("quantize")
     io = json.loads((quantized.dir / "io.json").read_text())

@@ -15,8 +15,8 @@ import numpy as np
 from pipelines.registry import StageContext, stage
 from pipelines.versions import host_isa
 
-from .fidelity import HELD_OUT, check, class_scores, judge, load_held_out, part_tolerance
-from .tensors import batches
+from .support.fidelity import HELD_OUT, check, class_scores, judge, load_held_out, part_tolerance
+from .support.tensors import batches
 
 def _runtime(view) -> str | None:
     return (view["target"].get("runtime") or {}).get(view["format"]["name"])
@@ -29,7 +29,7 @@ def _environment(view) -> dict[str, Any]:
 
 @stage("verify_target", needs=lambda view: ("verify", "lower") if _runtime(view) else (),
        config=("target", "format.name", "precision", "part", "verify.batch_size", "benchmark"),
-       code=("stages.runtimes", "stages.fidelity", "stages.tensors", "stages.timing"),
+       code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing"),
        environment=_environment, artifacts=("verify_target.json",))
 def run(ctx: StageContext) -> dict:
     target, name = ctx.cfg.target, _runtime(ctx.cfg)
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _in_runtime(ctx: StageContext, runtime) -> dict[str, Any]:
-    from . import timing
+    from .support import timing
 
     if reason := runtime.available():
         return {"status": "skipped", "passed": True, "reason": reason}

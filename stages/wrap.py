@@ -14,14 +14,14 @@ from pipelines.registry import StageContext, stage
 
 @stage("wrap", needs=("load_checkpoint", "clean_state_dict"),
        config=("model.arch", "model.factory", "part", "wrap.strict_export"),  # wrap.state: convert
-       code=("stages.model_builder", "stages.tensors", "stages.state_io", "stages.export_errors"),
+       code=("stages.support.model_builder", "stages.support.tensors", "stages.support.state_io", "stages.support.export_errors"),
        artifacts=("io.json",))
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from .export_errors import capture_failure, check_dynamic_dims, check_inputs
-    from .model_builder import dynamic_shapes, example_inputs, load_part, used_tensors
-    from .state_io import STATE_IO, lift, mutated_buffers, refuse_rebound_buffers
+    from .support.export_errors import capture_failure, check_dynamic_dims, check_inputs
+    from .support.model_builder import dynamic_shapes, example_inputs, load_part, used_tensors
+    from .support.state_io import STATE_IO, lift, mutated_buffers, refuse_rebound_buffers
 
     part = ctx.cfg.part
     specs = list(part.inputs)

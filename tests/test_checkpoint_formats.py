@@ -1,4 +1,4 @@
-"""Format detection, weight extraction and error messages of stages.checkpoint_formats."""
+"""Format detection, weight extraction and error messages of stages.support.checkpoint_formats."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipelines.errors import PipelineError
-from stages.checkpoint_formats import load_checkpoint_file
+from stages.support.checkpoint_formats import load_checkpoint_file
 
 
 class TinyNet(nn.Module):

@@ -1,4 +1,4 @@
-"""Key mapping, comparison and error messages of stages.state_dict_cleaning."""
+"""Key mapping, comparison and error messages of stages.support.state_dict_cleaning."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipelines.errors import PipelineError
-from stages.state_dict_cleaning import CleanOptions, clean_state_dict
+from stages.support.state_dict_cleaning import CleanOptions, clean_state_dict
 
 
 class Block(nn.Module):

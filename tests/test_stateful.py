@@ -105,8 +105,8 @@ def test_a_forward_that_assigns_its_buffers_is_refused(run_stream):
 
 def test_verify_fails_an_artifact_that_drops_the_state(run_stream, checkpoint):
     from stages.formats import onnx
-    from stages.model_builder import PartModule, as_step
-    from stages.streaming import initial_state, verify_stream
+    from stages.support.model_builder import PartModule, as_step
+    from stages.support.streaming import initial_state, verify_stream
     from stages.verify import _resetter
 
     run, artifacts = run_stream("format=onnx")
@@ -124,7 +124,7 @@ def test_verify_fails_an_artifact_that_drops_the_state(run_stream, checkpoint):
 
 def test_stream_signals_continue_from_chunk_to_chunk(tmp_path):
     from pipelines.errors import PipelineError
-    from stages.streaming import signal_chunks
+    from stages.support.streaming import signal_chunks
 
     cfg = compose_config("model=tiny_stream").verify.stream
     specs = [{"name": "x", "shape": [1, 4], "dtype": "float32"},

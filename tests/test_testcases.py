@@ -1,4 +1,4 @@
-"""Test cases that travel with artifacts (stages/testcases.py, pipelines/check_artifact.py): written
+"""Test cases that travel with artifacts (stages/support/testcases.py, pipelines/check_artifact.py): written
 beside a tiny .onnx and .pte, re-run in onnxruntime and through ExecuTorch's bundled program, read
 by onnx's own backend test runner, and failing by case and output when tampered with."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipelines.check_artifact import main
-from stages.testcases import check, write
+from stages.support.testcases import check, write
 from tests.conftest import ROOT
 
 TOLERANCE = {"max_abs": 1e-4, "min_cosine": 0.99999}
@@ -180,7 +180,7 @@ def test_onnx_tampered_expected_output_fails(artifacts: Path):
 
 
 def test_pte_bundle_passes_through_executorch_bundled_program(artifacts: Path):
-    from stages.testcases import read_bundle
+    from stages.support.testcases import read_bundle
 
     assert _write(artifacts / "model.pte") == ["model.bpte", "model.bpte.json", "model.bpte.eager.npz"]
     for path in ("model.pte", "model.bpte"):

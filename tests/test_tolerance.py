@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from stages.fidelity import part_tolerance
+from stages.support.fidelity import part_tolerance
 from tests.conftest import compose_config
 
 OVERRIDE = "model.parts.0.tolerance={fp16: {max_abs: 0.05, min_cosine: null}}"

@@ -28,7 +28,7 @@ def spec(name: str, shape: list[int], dtype: str = "float32", dynamic=None, **ex
 
 def export(module: nn.Module, specs: list[dict], directory: Path) -> dict:
     """The module as wrap writes it: program.pt2 and its io (one output)."""
-    from stages.model_builder import PartModule, dynamic_shapes, example_inputs
+    from stages.support.model_builder import PartModule, dynamic_shapes, example_inputs
 
     part = PartModule(module.eval(), {"name": "p", "inputs": specs})
     program = torch.export.export(part, example_inputs(specs), dynamic_shapes=dynamic_shapes(specs))

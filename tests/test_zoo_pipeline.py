@@ -65,7 +65,7 @@ def test_the_encoder_keeps_a_named_dynamic_time_axis_and_valid_lengths(cache, tm
 
     import stages  # noqa: F401
     from pipelines.runner import Runner
-    from stages.tensors import synthetic_examples
+    from stages.support.tensors import synthetic_examples
 
     cfg = zoo_config("conformer_rnnt", f"cache.dir={cache}", "format=onnx", "precision=fp32")
     specs = OmegaConf.to_container(cfg.model.parts[0].inputs, resolve=True, enum_to_str=True)

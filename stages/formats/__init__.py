@@ -64,7 +64,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def calibration_batches(job: Job) -> list[dict[str, np.ndarray]]:
     """The calibration inputs in order (streaming.carry adds a lifted state to them)."""
-    from ..tensors import batches
+    from ..support.tensors import batches
 
     with np.load(job.calibration) as data:
         examples = {name: data[name] for name in data.files}

@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx import traceback as fx_traceback
 
-from ..model_builder import PART_PREFIX, dynamic_shapes, example_inputs
+from ..support.model_builder import PART_PREFIX, dynamic_shapes, example_inputs
 
 HALF, FLOAT = torch.float16, torch.float32
 

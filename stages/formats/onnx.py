@@ -48,8 +48,8 @@ def quantize(job: Job) -> dict[str, Any]:
 def _export(job: Job, path: Path) -> None:
     import torch
 
-    from ..export_errors import lowering_failure
-    from ..model_builder import example_inputs
+    from ..support.export_errors import lowering_failure
+    from ..support.model_builder import example_inputs
 
     program = torch.export.load(job.source / "program.pt2")
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
@@ -109,7 +109,7 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
     feeds = calibration_batches(job)
     if any(s["input"] not in feeds[0] for s in job.io["state"]):  # a lifted state: each feed
         # holds the state the fp32 graph returned for the one before, as an app carries it
-        from ..streaming import carry
+        from ..support.streaming import carry
 
         feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
     prepared = _pre_processed(source, target.parent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from typing import Iterable
 
-from ..model_builder import PART_PREFIX
+from ..support.model_builder import PART_PREFIX
 
 SCOPES = "pkg.torch.onnx.name_scopes"
 CLASSES = "pkg.torch.onnx.class_hierarchy"

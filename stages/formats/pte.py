@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports torchao anyway
 
-from ..export_errors import lowering_failure
-from ..model_builder import as_step, used_tensors
-from ..state_io import state_nodes
-from ..streaming import carry
+from ..support.export_errors import lowering_failure
+from ..support.model_builder import as_step, used_tensors
+from ..support.state_io import state_nodes
+from ..support.streaming import carry
 from ..upstream.executorch import FP16_UNSAFE_OPS, conv_backends_off, restore_integer_scalars
 from . import Job, calibration_batches, link_or_copy, weight_summary
 from .fx_graph import (module_outputs, module_types, reexport, requantized, to_half,

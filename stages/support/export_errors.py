@@ -128,7 +128,7 @@ def quantizer_failure(exc: Exception) -> PipelineError:
 def _node_in_traceback(exc: BaseException) -> tuple[Any, str | None]:
     import torch
 
-    from .formats import fx_graph, onnx_graph
+    from ..formats import fx_graph, onnx_graph
 
     found, traceback = None, exc.__traceback__
     while traceback is not None:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .formats import Job
+from ..formats import Job
 from .model_builder import as_step
 
 FLOOR = 1e-3  # relative errors below this are noise, never a jump
