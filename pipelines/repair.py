@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import PipelineError
 
-RETRYABLE = ("quantize", "lower", "verify", "verify_target", "size_audit")  # a rebuild can fix
+RETRYABLE = ("quantize", "preprocess", "lower", "verify", "verify_target", "size_audit")  # rebuildable
 
 
 def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> bool:

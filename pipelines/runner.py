@@ -19,7 +19,7 @@ from .repair import repair
 from .versions import library_versions, module_source_hash, sha256_file
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
-         "lower", "verify", "verify_target", "baseline", "benchmark", "size_audit")
+         "preprocess", "lower", "verify", "verify_target", "baseline", "benchmark", "size_audit")
 
 
 @dataclass

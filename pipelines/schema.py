@@ -31,6 +31,13 @@ class DType(str, Enum):
     int64 = "int64"
     int32 = "int32"
     bool = "bool"
+    uint8 = "uint8"  # raw inputs: image bytes
+    string = "string"  # raw inputs: text
+
+
+class PreprocessMode(str, Enum):
+    none = "none"  # the artifact takes the tensors the model was trained on
+    raw = "raw"  # it takes what the app has (the part's raw inputs), its processing inside
 
 
 class CalibrationSource(str, Enum):
@@ -102,6 +109,21 @@ class TensorSpec:
 
 
 @dataclass
+class RawConfig:
+    """What an app really has for a part (image bytes, a waveform, a sentence) and the steps from
+    it to the part's inputs (and from its first output to what the app shows); see
+    stages/processing/. Used when preprocess=raw."""
+
+    inputs: List[TensorSpec] = MISSING  # uint8 bytes {dynamic: {0: bytes}}, a float waveform, a string
+    preprocess: List[Dict[str, Any]] = field(default_factory=list)  # [{step: decode_image, ...}, ...]
+    postprocess: List[Dict[str, Any]] = field(default_factory=list)  # on the part's first output
+    # the app's own Python preprocessing, the reference: fn(one raw example) -> {part input: array}
+    reference: Dict[str, Any] = MISSING
+    # held-out raw examples: fn() -> {"inputs": {raw input: list or array of examples}, "labels": ...}
+    eval_data: Dict[str, Any] = MISSING
+
+
+@dataclass
 class ToleranceOverride:
     """A part's own bounds at one precision; a field left unset keeps the precision's value,
     null switches that check off."""
@@ -138,6 +160,7 @@ class PartConfig:
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
     state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}
+    raw: Optional[RawConfig] = None  # raw inputs and processing steps, for preprocess=raw
     tolerance: PartTolerance = field(default_factory=PartTolerance)  # over the precision's own
 
 
@@ -197,6 +220,14 @@ class TargetConfig:
     # format -> module of stages/runtimes/ that runs this target's artifacts (verify_target);
     # a format not named runs in the host's runtime, which verify already ran
     runtime: Dict[str, str] = field(default_factory=dict)
+    # whether its onnxruntime has onnxruntime-extensions' custom ops (image decoding, tokenizers):
+    # processing steps that need them stay in the app where it has not
+    onnx_custom_ops: bool = True
+
+
+@dataclass
+class PreprocessConfig:
+    mode: PreprocessMode = PreprocessMode.none
 
 
 @dataclass
@@ -283,6 +314,7 @@ class RootConfig:
     precision: PrecisionConfig = MISSING
     format: FormatConfig = MISSING
     target: TargetConfig = MISSING
+    preprocess: PreprocessConfig = MISSING
     calibration: CalibrationConfig = MISSING
     verify: VerifyConfig = MISSING
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -293,6 +325,11 @@ class RootConfig:
 
 
 def register() -> None:
-    """Register the schema so conf/config.yaml can name it in its defaults."""
+    """Register the schema so conf/config.yaml can name it in its defaults, and the resolver
+    that names a raw-input cell's sweep directory (`..._int8_onnx_raw`)."""
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RootConfig)
+    if not OmegaConf.has_resolver("cell_suffix"):
+        OmegaConf.register_new_resolver("cell_suffix", lambda choice: "" if choice in (None, "none") else f"_{choice}")

@@ -10,8 +10,14 @@ from .support import timing
 from .formats import backend
 
 
-@stage("benchmark", needs=("lower", "baseline"), config=("format.name", "benchmark"),
-       code=("stages.formats", "stages.support.tensors", "stages.support.timing"), environment=timing.host)
+def _needs(view) -> tuple[str, ...]:
+    """A raw-input artifact is timed on a real raw example, the first verify kept."""
+    return ("lower", "baseline") + (("verify",) if view["preprocess"]["mode"] == "raw" else ())
+
+
+@stage("benchmark", needs=_needs, config=("format.name", "benchmark", "preprocess.mode"),
+       code=("stages.formats", "stages.support.tensors", "stages.support.timing", "stages.support.raw"),
+       environment=timing.host)
 def run(ctx: StageContext) -> dict:
     cfg, eager = ctx.cfg.benchmark, ctx.input("baseline").result
     if not cfg.enabled:
@@ -19,8 +25,13 @@ def run(ctx: StageContext) -> dict:
     lower = ctx.input("lower")
     io = json.loads((lower.dir / "io.json").read_text())
     fmt = backend(ctx.cfg.format.name)
-    run_artifact, feed = fmt.load(lower.dir / lower.result["artifact"], io, threads=cfg.threads), \
-        timing.batch_of_one(io["inputs"])
+    run_artifact = fmt.load(lower.dir / lower.result["artifact"], io, threads=cfg.threads)
+    if "processing" in io:  # raw inputs: the first held-out example, after the app's own steps
+        from .support.raw import HELD_OUT_RAW, load_held_out
+
+        feed = load_held_out(ctx.input("verify").dir / HELD_OUT_RAW)[0][0]
+    else:
+        feed = timing.batch_of_one(io["inputs"])
     stats = timing.measure(lambda: run_artifact(feed), cfg)
     speedup = round(eager["p50_ms"] / stats["p50_ms"], 3)
     return {"runtime": fmt.runtime(), "threads": cfg.threads, **stats,

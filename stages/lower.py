@@ -1,21 +1,29 @@
 """lower: write the deployable file (.pte or .onnx) and the io.json an app reads beside it,
-with state.json when the app carries state from call to call."""
+with state.json when the app carries state from call to call, and app_steps.onnx / labels.json
+when processing steps stay in the app (stages/preprocess.py)."""
 from __future__ import annotations
 
 import json
 
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend
+from .formats import Job, backend, link_or_copy
 
 
-@stage("lower", needs=("quantize",), config=("precision.name", "format"),
-       code=("stages.formats", "stages.upstream"), artifacts=("model.*", "io.json", "state.json"))
+APP_SIDE = ("app_steps.onnx", "labels.json")  # what ships beside the artifact for the app
+
+
+@stage("lower", needs=("preprocess",), config=("precision.name", "format"),
+       code=("stages.formats", "stages.upstream"),
+       artifacts=("model.*", "io.json", "state.json", *APP_SIDE))
 def run(ctx: StageContext) -> dict:
-    quantized = ctx.input("quantize").dir
-    io = json.loads((quantized / "io.json").read_text())  # the program quantize picked
-    job = Job(quantized, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
+    source = ctx.input("preprocess").dir
+    io = json.loads((source / "io.json").read_text())  # the program quantize picked, processing inside
+    job = Job(source, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
     result = backend(ctx.cfg.format.name).lower(job)
+    for name in APP_SIDE:
+        if (source / name).exists():
+            link_or_copy(source / name, ctx.workdir / name)
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
     if io["state"]:
         (ctx.workdir / "state.json").write_text(json.dumps(io["state"], indent=1))

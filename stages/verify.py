@@ -24,7 +24,8 @@ def _reads(view) -> list[str]:
     """The outside files verify reads: the part's eval data, a streamed signal file."""
     stream = view["verify"]["stream"]
     signal = [stream["file"]] if stream["signal"] == "file" and stream["file"] else []
-    return dataset_files(view["part"]["eval_data"]) + signal
+    raw = dataset_files((view["part"].get("raw") or {}).get("eval_data"))
+    return dataset_files(view["part"]["eval_data"]) + signal + raw
 
 
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
@@ -49,7 +50,10 @@ def run(ctx: StageContext) -> dict:
     tolerance = part_tolerance(ctx.cfg.precision, ctx.cfg.part)
     step = as_step(eager, eager_io["inputs"])  # without internal state, io has the same inputs
     # a module that updates its buffers is not a function of one input: only a stream tests it
-    report, first = ({}, None) if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
+    if "processing" in io:  # raw inputs: the app's Python preprocessing, then eager, is the reference
+        report, first = _raw_report(ctx, io, step, artifact, lower.dir), None
+    else:
+        report, first = ({}, None) if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
     if first:  # the artifact carries a few held-out cases and its own outputs for them
         report["test_cases"] = _test_cases(ctx, lower, io, step, artifact, first[0], tolerance)
     if eager_io["state"] or eager_io["internal_state"]:
@@ -80,6 +84,47 @@ def run(ctx: StageContext) -> dict:
                             f" stateless would be {stream['stateless_baseline']['max_abs']:.2e}"
                             if stream else ""))
     return report
+
+
+def _raw_report(ctx: StageContext, io, eager, artifact, lower_dir) -> dict[str, Any]:
+    """Each raw held-out example through the app's steps (app_steps.onnx) and the artifact,
+    against the part's raw.reference preprocessing then eager PyTorch and the same
+    post-processing (stages/support/raw.py)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from .processing import build
+    from .support.raw import HELD_OUT_RAW, app_steps, judge_raw, raw_examples, reference, save_held_out
+
+    raw, part = ctx.cfg.part.raw, ctx.cfg.part
+    specs = [OmegaConf.to_container(s, resolve=True) for s in raw.inputs]
+    examples, labels = raw_examples(raw, specs)
+    app, prepare = app_steps(lower_dir, specs), reference(raw, specs)
+    post = [build(s, f"part '{part.name}' raw.postprocess") for s in raw.postprocess]
+    names = post[-1].outputs("pte") if post else [part.outputs[0]]
+    label_names = next((s.params["labels"] for s in post if s.params.get("labels")), None)
+
+    def reference_outputs(example) -> dict[str, np.ndarray]:
+        outputs = eager(prepare(example))
+        first = torch.from_numpy(outputs[0])
+        with torch.no_grad():
+            for step in post:
+                first = step.torch()(first)
+        values = {**dict(zip(names, [t.numpy() for t in (first if isinstance(first, tuple) else (first,))])),
+                  **dict(zip(part.outputs[1:], outputs[1:]))}
+        if "top_labels" in io["outputs"]:
+            values["top_labels"] = np.asarray(label_names, dtype=object)[values["top_classes"]]
+        return values
+
+    feeds = [app(example) if app else example for example in progress(examples, len(examples), "verify")]
+    actual = [dict(zip(io["outputs"], artifact(feed))) for feed in feeds]
+    expected = [reference_outputs(example) for example in examples]
+    save_held_out(ctx.workdir / HELD_OUT_RAW, feeds, expected, labels)
+    processing = io["processing"]
+    return {"held_out": raw.eval_data["_target_"], "examples": len(examples),
+            "compared_with": f"{raw.reference['_target_']} then eager PyTorch",
+            "inside": processing["inside"], "in_app": processing["in_app"],
+            **judge_raw(expected, actual, labels)}
 
 
 TEST_CASES = 3

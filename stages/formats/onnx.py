@@ -190,6 +190,29 @@ def _pre_processed(source: Path, workdir: Path) -> Path:
     return prepared
 
 
+APP_STEPS = "app_steps.onnx"  # the processing steps that stay in the app, as their own graph
+
+
+def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list) -> dict[str, Any]:
+    """convert/quantize's graph with the processing steps inside (stages/processing/): it takes
+    the raw inputs, or what the app's own steps (app_steps.onnx, beside it) make of them."""
+    import onnx
+
+    from ..processing import app_model, onnx_model, spec
+
+    inputs = raw
+    if app:  # their outputs feed the first step inside, or the model itself (named as its inputs)
+        steps = app_model(raw, app, None if pre else [s["name"] for s in job.io["inputs"]], job.fmt.opset)
+        _save(steps, job.workdir / APP_STEPS)
+        inputs = [spec(value) for value in steps.graph.output]
+    model = onnx.load(str(job.source / GRAPH))
+    if pre or post:
+        model = onnx_model(inputs, pre, post, model, job.fmt.opset)
+    _save(model, job.workdir / GRAPH)
+    return {"inputs": [spec(value) for value in model.graph.input],
+            "outputs": [value.name for value in model.graph.output]}
+
+
 def lower(job: Job) -> dict[str, Any]:
     """The deployable file: ORT basic offline optimisation, metadata, checked with onnx.checker."""
     import onnx
@@ -202,6 +225,10 @@ def lower(job: Job) -> dict[str, Any]:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimised)
+        if needs_extensions(source):
+            from onnxruntime_extensions import get_library_path
+
+            options.register_custom_ops_library(get_library_path())
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     else:
         link_or_copy(source, optimised)
@@ -258,6 +285,10 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if as_written:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if needs_extensions(artifact):  # only then: io.json tells the app the same
+        from onnxruntime_extensions import get_library_path
+
+        options.register_custom_ops_library(get_library_path())
     session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -265,6 +296,15 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
         return session.run(None, {name: batch[name] for name in names})
 
     return run
+
+
+def needs_extensions(artifact: Path) -> bool:
+    """Whether the graph uses onnxruntime-extensions' custom ops (image decoding, tokenizers)."""
+    import onnx
+
+    from ..processing import uses_custom_ops
+
+    return uses_custom_ops(onnx.load(str(artifact), load_external_data=False))
 
 
 def reference(job: Job) -> tuple[Callable, dict[str, str]]:

@@ -89,6 +89,52 @@ class _Guarded(Quantizer):
         self.inner.validate(model)
 
 
+def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list,
+           example: dict[str, np.ndarray]) -> dict[str, Any]:
+    """quantize's program with the processing steps that have PyTorch modules inside, exported
+    anew; the leading steps that have none (decoding, tokenizing) go to app_steps.onnx beside it,
+    and the program takes what they make of the raw inputs (`example`: one raw example)."""
+    from ..processing import app_model, spec
+    from .onnx import APP_STEPS, _save, load
+
+    inputs, feed = raw, example
+    if app:  # their outputs feed the first step inside, or the model itself (named as its inputs)
+        steps = app_model(raw, app, None if pre else [s["name"] for s in job.io["inputs"]])
+        _save(steps, job.workdir / APP_STEPS)
+        names = [value.name for value in steps.graph.output]
+        feed = dict(zip(names, load(job.workdir / APP_STEPS, {"inputs": raw, "outputs": names})(example)))
+        inputs = job.io["inputs"] if not pre else [  # the model's own inputs keep their dynamic dims
+            {**spec(value), "shape": list(feed[value.name].shape), "dynamic": {}} for value in steps.graph.output]
+    module = _Processed([s.torch() for s in pre], torch.export.load(job.source / PROGRAM).module(),
+                        [s.torch() for s in post])
+    tensors = tuple(torch.from_numpy(np.ascontiguousarray(feed[s["name"]])) for s in inputs)
+    from ..support.model_builder import dynamic_shapes
+
+    with torch.no_grad():
+        program = torch.export.export(module, tensors, dynamic_shapes=None if pre else dynamic_shapes(inputs),
+                                      strict=False)
+    torch.export.save(program, job.workdir / PROGRAM)
+    outputs = (post[-1].outputs("pte") if post else job.io["outputs"][:1]) + job.io["outputs"][1:]
+    return {"inputs": inputs, "outputs": outputs, "example": feed}
+
+
+class _Processed(torch.nn.Module):
+    """pre-processing modules -> the part's program -> post-processing of its first output."""
+
+    def __init__(self, pre: list[torch.nn.Module], model: torch.nn.Module, post: list[torch.nn.Module]):
+        super().__init__()
+        self.pre, self.model, self.post = torch.nn.ModuleList(pre), model, torch.nn.ModuleList(post)
+
+    def forward(self, *inputs: torch.Tensor):
+        for step in self.pre:
+            inputs = (step(*inputs),)
+        outputs = self.model(*inputs)
+        first = outputs[0]
+        for step in self.post:
+            first = step(first)
+        return (*(first if isinstance(first, tuple) else (first,)), *outputs[1:])
+
+
 def lower(job: Job) -> dict[str, Any]:
     from executorch.devtools.backend_debug import get_delegation_info
 

@@ -76,8 +76,12 @@ def top1_agreement(expected: np.ndarray, actual: np.ndarray) -> float:
 
 def classification(expected: np.ndarray, actual: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Test-set accuracy of eager and artifact, and how often their top-1 agree."""
-    eager_top1 = expected.reshape(len(labels), -1).argmax(axis=1)
-    artifact_top1 = actual.reshape(len(labels), -1).argmax(axis=1)
+    return accuracy(expected.reshape(len(labels), -1).argmax(axis=1),
+                    actual.reshape(len(labels), -1).argmax(axis=1), labels)
+
+
+def accuracy(eager_top1: np.ndarray, artifact_top1: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy of each side's predicted classes, and how often they agree."""
     return {"eager": float((eager_top1 == labels).mean()),
             "artifact": float((artifact_top1 == labels).mean()),
             "top1_agreement": float((eager_top1 == artifact_top1).mean())}
