@@ -22,8 +22,8 @@ def artifacts(path: Path) -> list[Path]:
     alone when its .pte is not there)."""
     if not path.is_dir():
         return [path]
-    found = [p for p in sorted(path.iterdir()) if p.suffix in (".onnx", ".pte")
-             or p.suffix == ".bpte" and not p.with_suffix(".pte").exists()]
+    found = [p for p in sorted(path.iterdir()) if p.suffix in (".onnx", ".pte") and p.name != "app_steps.onnx"
+             or p.suffix == ".bpte" and not p.with_suffix(".pte").exists()]  # app_steps: the app's, no cases
     if not found:
         raise PipelineError(f"{path}: no .onnx, .pte or .bpte artifact in it")
     return found

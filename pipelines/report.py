@@ -41,7 +41,8 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
 
 
 def _latency(benchmark: dict[str, Any]) -> dict[str, Any] | None:
-    keys = ("runtime", "threads", "p50_ms", "p90_ms", "runs", "eager_p50_ms", "speedup", "load_average")
+    keys = ("runtime", "threads", "p50_ms", "p90_ms", "runs", "eager_p50_ms", "speedup", "load_average",
+            "steps")
     return {k: benchmark[k] for k in keys if k in benchmark} if "p50_ms" in benchmark else None
 
 

@@ -15,7 +15,7 @@ def _needs(view) -> tuple[str, ...]:
     return ("lower", "baseline") + (("verify",) if view["preprocess"]["mode"] == "raw" else ())
 
 
-@stage("benchmark", needs=_needs, config=("format.name", "benchmark", "preprocess.mode"),
+@stage("benchmark", needs=_needs, config=("format.name", "benchmark", "preprocess.mode", "part.raw"),
        code=("stages.formats", "stages.support.tensors", "stages.support.timing", "stages.support.raw"),
        environment=timing.host)
 def run(ctx: StageContext) -> dict:
@@ -34,7 +34,21 @@ def run(ctx: StageContext) -> dict:
         feed = timing.batch_of_one(io["inputs"])
     stats = timing.measure(lambda: run_artifact(feed), cfg)
     speedup = round(eager["p50_ms"] / stats["p50_ms"], 3)
-    return {"runtime": fmt.runtime(), "threads": cfg.threads, **stats,
+    steps = _step_costs(ctx, io, cfg) if "processing" in io else {}
+    return {"runtime": fmt.runtime(), "threads": cfg.threads, **stats, **steps,
             "eager_p50_ms": eager["p50_ms"], "speedup": speedup,
             "summary": f"p50 {stats['p50_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms: "
                        f"{speedup:.2f}x eager fp32 ({eager['p50_ms']:.3f} ms)"}
+
+
+def _step_costs(ctx: StageContext, io, cfg) -> dict:
+    """Bytes and milliseconds of each processing step on the first raw example (stages/support/raw.py)."""
+    from omegaconf import OmegaConf
+
+    from .support.raw import raw_examples, step_costs
+
+    raw = ctx.cfg.part.raw
+    specs = [OmegaConf.to_container(s, resolve=True) for s in raw.inputs]
+    example = raw_examples(raw, specs, count=1)[0][0]
+    where = {entry["step"]: "app" for entry in io["processing"]["in_app"]}
+    return {"steps": step_costs(raw, specs, example, where, cfg)}

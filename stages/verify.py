@@ -31,7 +31,8 @@ def _reads(view) -> list[str]:
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
        config=("verify", "precision", "format", "target.isa", "model.arch", "model.factory", "part"),
        code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.streaming",
-             "stages.support.diagnose", "stages.upstream", "stages.support.fidelity", "stages.support.testcases"),
+             "stages.support.diagnose", "stages.upstream", "stages.support.fidelity", "stages.support.testcases",
+             "stages.support.raw", "stages.processing"),
        reads=_reads, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
 def run(ctx: StageContext) -> dict:
     from .support.model_builder import as_step, load_part
@@ -50,12 +51,18 @@ def run(ctx: StageContext) -> dict:
     tolerance = part_tolerance(ctx.cfg.precision, ctx.cfg.part)
     step = as_step(eager, eager_io["inputs"])  # without internal state, io has the same inputs
     # a module that updates its buffers is not a function of one input: only a stream tests it
+    first, cases = None, None  # (a held-out batch, the artifact's outputs); [(feed, eager outputs)]
     if "processing" in io:  # raw inputs: the app's Python preprocessing, then eager, is the reference
-        report, first = _raw_report(ctx, io, step, artifact, lower.dir), None
+        report, cases = _raw_report(ctx, io, step, artifact, lower.dir)
+    elif not eager_io["internal_state"]:
+        report, first = _held_out_report(ctx, io, step, artifact)
+        feeds = [{name: array[i:i + 1] for name, array in first[0].items()}
+                 for i in range(min(TEST_CASES, len(next(iter(first[0].values())))))]
+        cases = [(feed, step(feed)) for feed in feeds]
     else:
-        report, first = ({}, None) if eager_io["internal_state"] else _held_out_report(ctx, io, step, artifact)
-    if first:  # the artifact carries a few held-out cases and its own outputs for them
-        report["test_cases"] = _test_cases(ctx, lower, io, step, artifact, first[0], tolerance)
+        report = {}
+    if cases:  # the artifact carries a few held-out cases and its own outputs for them
+        report["test_cases"] = _test_cases(ctx, lower, io, artifact, cases, tolerance)
     if eager_io["state"] or eager_io["internal_state"]:
         from .support.streaming import verify_stream
 
@@ -86,7 +93,7 @@ def run(ctx: StageContext) -> dict:
     return report
 
 
-def _raw_report(ctx: StageContext, io, eager, artifact, lower_dir) -> dict[str, Any]:
+def _raw_report(ctx: StageContext, io, eager, artifact, lower_dir) -> tuple[dict[str, Any], list]:
     """Each raw held-out example through the app's steps (app_steps.onnx) and the artifact,
     against the part's raw.reference preprocessing then eager PyTorch and the same
     post-processing (stages/support/raw.py)."""
@@ -121,16 +128,17 @@ def _raw_report(ctx: StageContext, io, eager, artifact, lower_dir) -> dict[str, 
     expected = [reference_outputs(example) for example in examples]
     save_held_out(ctx.workdir / HELD_OUT_RAW, feeds, expected, labels)
     processing = io["processing"]
+    cases = [(feed, [out[n] for n in io["outputs"]]) for feed, out in zip(feeds[:TEST_CASES], expected)]
     return {"held_out": raw.eval_data["_target_"], "examples": len(examples),
             "compared_with": f"{raw.reference['_target_']} then eager PyTorch",
             "inside": processing["inside"], "in_app": processing["in_app"],
-            **judge_raw(expected, actual, labels)}
+            **judge_raw(expected, actual, labels)}, cases
 
 
 TEST_CASES = 3
 
 
-def _test_cases(ctx: StageContext, lower, io, eager, artifact, batch, tolerance) -> dict[str, Any]:
+def _test_cases(ctx: StageContext, lower, io, artifact, cases, tolerance) -> dict[str, Any]:
     """Beside the artifact (copied into the run's artifacts/): the first held-out examples, one
     call each, with the artifact's outputs as expected values and eager's for reference
     (stages/support/testcases.py: an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make
@@ -139,21 +147,20 @@ def _test_cases(ctx: StageContext, lower, io, eager, artifact, batch, tolerance)
     from .formats import link_or_copy
     from .support.testcases import write
 
-    count = min(TEST_CASES, len(next(iter(batch.values()))))
-    feeds = [{name: array[i:i + 1] for name, array in batch.items()} for i in range(count)]
+    feeds = [feed for feed, _ in cases]
     expected = [artifact(feed) for feed in feeds]
-    largest = max(float(np.abs(o).max(initial=0)) for outputs in expected for o in outputs)
+    largest = max(float(np.abs(o).max(initial=0)) for outputs in expected for o in outputs if o.dtype.kind != "O")
     bounds = {"max_abs": tolerance.max_abs if tolerance.max_abs is not None else round(0.1 * largest, 6),
               "min_cosine": tolerance.min_cosine}
     model = ctx.workdir / lower.result["artifact"]
     link_or_copy(lower.dir / lower.result["artifact"], model)
     try:
-        files = write(model, io, feeds, expected, [eager(feed) for feed in feeds], bounds,
+        files = write(model, io, feeds, expected, [eager for _, eager in cases], bounds,
                       {"precision": ctx.cfg.precision.name, "format": ctx.cfg.format.name,
                        "target_isa": list(ctx.cfg.target.isa)})
     finally:
         model.unlink()  # the model itself is lower's; the cases go beside it in artifacts/
-    return {"cases": count, "files": files, "tolerance": bounds}
+    return {"cases": len(cases), "files": files, "tolerance": bounds}
 
 
 def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def _environment(view) -> dict[str, Any]:
 
 @stage("verify_target", needs=lambda view: ("verify", "lower") if _runtime(view) else (),
        config=("target", "format.name", "precision", "part", "verify.batch_size", "benchmark"),
-       code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing"),
+       code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing",
+             "stages.support.raw"),
        environment=_environment, artifacts=("verify_target.json",))
 def run(ctx: StageContext) -> dict:
     target, name = ctx.cfg.target, _runtime(ctx.cfg)
@@ -56,19 +57,28 @@ def _in_runtime(ctx: StageContext, runtime) -> dict[str, Any]:
     if io["state"] or io["internal_state"]:
         return {"status": "skipped", "passed": True,
                 "reason": "a part with state is streamed on the host runtime only (verify.stream)"}
-    examples, eager, labels = load_held_out(verify.dir / HELD_OUT)
-    feeds = list(batches(examples, io["inputs"], ctx.cfg.verify.batch_size))
+    raw = "processing" in io  # verify kept the feeds after the app's own steps, and eager's outputs
+    if raw:
+        from .support.raw import HELD_OUT_RAW, judge_raw, load_held_out as load_raw
+
+        feeds, eager_outputs, labels = load_raw(verify.dir / HELD_OUT_RAW)
+    else:
+        examples, eager, labels = load_held_out(verify.dir / HELD_OUT)
+        feeds = list(batches(examples, io["inputs"], ctx.cfg.verify.batch_size))
     started = time.monotonic()
     with runtime.session(lower.dir / lower.result["artifact"], ctx.cfg.benchmark.threads) as session:
         actual = session.run_many(feeds)
         cfg = ctx.cfg.benchmark
         with timing.exclusive():
-            latency = timing.summary(session.latency(timing.batch_of_one(io["inputs"]), cfg.warmup,
-                                                     max(cfg.min_runs, 1)))
+            example = feeds[0] if raw else timing.batch_of_one(io["inputs"])
+            latency = timing.summary(session.latency(example, cfg.warmup, max(cfg.min_runs, 1)))
         described = session.describe()
-    expected = [[eager[name] for name in io["outputs"]]]
-    report = judge(expected, [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
-                   io["outputs"], class_scores(ctx.cfg.part, io), labels)
+    if raw:
+        report = judge_raw(eager_outputs, [dict(zip(io["outputs"], a)) for a in actual], labels)
+    else:
+        report = judge([[eager[name] for name in io["outputs"]]],
+                       [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
+                       io["outputs"], class_scores(ctx.cfg.part, io), labels)
     passed, reason = check(report, part_tolerance(ctx.cfg.precision, ctx.cfg.part))
     worst = max(o["max_abs"] for o in report["outputs"].values())
     return {"status": "pass" if passed else "fail", "passed": passed, "runtime": described,
