@@ -18,6 +18,7 @@ class StageOutput:
     key: str
     dir: Path  # the stage's files (a cache entry's, or the run's own when the cache is off)
     result: dict[str, Any]
+    digests: dict[str, str] = field(default_factory=dict)  # sha256 of its files, as its entry sealed them
 
 
 @dataclass

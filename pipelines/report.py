@@ -94,8 +94,8 @@ def manifest(root: dict[str, Any], runs: list[PartRun], run_dir: Path, overrides
         "checkpoint": {"path": checkpoint, "sha256": files.get(checkpoint)},
         "parts": {run.part: {
             "stages": [{"stage": r.stage, "key": r.key, "cache": "hit" if r.hit else "miss",
-                        "seconds": round(r.seconds, 3)} for r in run.records],
-            "artifacts": {p.name: sha256_file(p) for p in
+                        "seconds": round(r.seconds, 3), "peak_mb": r.peak_mb} for r in run.records],
+            "artifacts": {p.name: run.artifact_digests.get(p.name) or sha256_file(p) for p in
                           sorted((run_dir / "artifacts" / run.part).glob("*")) if p.is_file()},
         } for run in runs},
     }

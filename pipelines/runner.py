@@ -11,12 +11,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import logs
+from . import logs, memory
 from .cache import Cache, compute_key
 from .errors import PipelineError, root_cause
 from .registry import STAGES, Stage, StageContext, StageOutput
 from .repair import repair
-from .versions import library_versions, module_source_hash, sha256_file
+from .digests import Digests, sha256
+from .versions import library_versions, module_source_hash
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
          "preprocess", "lower", "verify", "verify_target", "baseline", "benchmark", "size_audit")
@@ -30,6 +31,7 @@ class StageRecord:
     seconds: float
     result: dict[str, Any]
     files: dict[str, str]  # sha256 of the outside files it read (the checkpoint)
+    peak_mb: float | None = None  # the stage's own peak resident memory (pipelines/memory.py)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PartRun:
     error: str | None = None
     fallback_reason: str | None = None
     float_layers: list[str] = field(default_factory=list)  # kept at fp32 by quantize.on_failure=mixed
+    artifact_digests: dict[str, str] = field(default_factory=dict)  # artifacts/<part>/ file -> sha256
     attempts: list[dict[str, Any]] = field(default_factory=list)  # the builds that failed before
     records: list[StageRecord] = field(default_factory=list)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
@@ -94,6 +97,7 @@ class Runner:
         self.log = log
         cache_cfg = self.root["cache"]
         self.cache = Cache(Path(cache_cfg["dir"]), cache_cfg["verify"]) if cache_cfg["enabled"] else None
+        self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
         self.refresh = set(cache_cfg["refresh"])
         unknown = self.refresh - set(STAGES)
         if unknown:
@@ -137,19 +141,21 @@ class Runner:
             "config": view,
             "inputs": {need: run.outputs[need].key for need in needs},
             "libraries": library_versions(),
-            "files": {path: sha256_file(Path(path)) for path in
+            "files": {path: sha256(Path(path), self.digests) for path in
                       (stage.reads(view) if stage.reads else []) if Path(path).is_file()},
             **({"environment": stage.environment(view)} if stage.environment else {}),
         }
         key = compute_key(material)
         inputs = {need: run.outputs[need] for need in needs}
         started = time.monotonic()
+        memory.release()
+        memory.reset_peak()
         output, hit = self._cached_call(stage, key, material, view, inputs, run.part)
         seconds = time.monotonic() - started
         run.outputs[stage.name] = output
         run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
-                                       material["files"]))
-        self._copy_artifacts(stage, output.dir, run.part)
+                                       material["files"], memory.peak_mb()))
+        run.artifact_digests.update(self._copy_artifacts(stage, output.dir, run.part, output.digests))
         self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
                       output.result.get("summary", ""))
 
@@ -162,18 +168,18 @@ class Runner:
         fresh = stage.name in self.refresh
         entry = None if fresh else self.cache.lookup(key)  # no lock: an entry in place is whole
         if entry is not None:
-            return StageOutput(key, entry.files, entry.result), True
+            return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True
         with self.cache.lock(key):  # a miss: compute once, whoever waited here then hits
             entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
-                return StageOutput(key, entry.files, entry.result), True
+                return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True
             with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
                 started = time.monotonic()
                 result = self._call(stage, view, inputs, tmp / "files", part)
                 meta = {"stage": stage.name, "material": material, "result": result,
                         "seconds": time.monotonic() - started}
                 entry = self.cache.commit(key, tmp, meta)
-            return StageOutput(key, entry.files, result), False
+            return StageOutput(key, entry.files, result, entry.meta["files"]), False
 
     def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> dict[str, Any]:
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
@@ -189,14 +195,22 @@ class Runner:
             raise PipelineError(root_cause(exc), stage=stage.name, module=getattr(exc, "module", None),
                                 fix=f"see {self.run_dir / 'run.log'} for the full traceback") from exc
 
-    def _copy_artifacts(self, stage: Stage, directory: Path, part: str) -> None:
-        if not stage.artifacts:
-            return
-        target = self.run_dir / "artifacts" / part
-        target.mkdir(parents=True, exist_ok=True)
+    def _copy_artifacts(self, stage: Stage, directory: Path, part: str,
+                        digests: dict[str, str] | None = None) -> dict[str, str]:
+        """Its artifacts into the run's artifacts/<part>/, hard-linked where the filesystem allows
+        (a 4 GB model costs nothing to place); returns the digests its entry sealed for them."""
+        from stages.formats import link_or_copy
+
+        target, placed = self.run_dir / "artifacts" / part, {}
         for pattern in stage.artifacts:
             for path in directory.glob(pattern):
-                if path.is_dir():  # a folder of test cases (test_data_set_0/)
-                    shutil.copytree(path, target / path.name, dirs_exist_ok=True)
-                else:
-                    shutil.copy2(path, target / path.name)
+                for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                    if not file.is_file():
+                        continue
+                    name = file.relative_to(directory).as_posix()
+                    (target / name).parent.mkdir(parents=True, exist_ok=True)
+                    (target / name).unlink(missing_ok=True)
+                    link_or_copy(file, target / name)
+                    if digests and name in digests:
+                        placed[name] = digests[name]
+        return placed

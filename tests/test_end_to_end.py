@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.runner import CHAIN
 from tests.conftest import ROOT
 
 
@@ -82,7 +83,8 @@ def test_dev_recipes_give_verified_artifacts_and_a_warm_rerun_is_all_hits(
     first_manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
     stages = manifest["parts"]["classifier"]["stages"]
-    assert len(stages) == 12 and all(s["cache"] == "hit" for s in stages)
+    assert [s["stage"] for s in stages] == list(CHAIN) and all(s["cache"] == "hit" for s in stages)
+    assert all(s["peak_mb"] > 0 for s in stages)
     assert manifest["parts"]["classifier"]["artifacts"] == first_manifest["parts"]["classifier"]["artifacts"]
     assert manifest["checkpoint"]["sha256"] and manifest["packages"]["torch"].startswith("2.13.0")
 

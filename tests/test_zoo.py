@@ -98,10 +98,10 @@ def test_config_is_plain_and_rebuilds_all_keys(name: str, checkpoints: dict) -> 
 
 
 def test_kws_is_decisive(checkpoints: dict) -> None:
+    """On fresh waveforms of the task, through the training code's log-mel features."""
     model = _load("kws", checkpoints["kws"])
-    templates = kws._class_templates(12, torch.Generator().manual_seed(0))
-    x, y = kws._batch(templates, 128, torch.Generator().manual_seed(1))
-    assert x.shape == (128, 1, 64, 101)
+    x, y = kws._batch(128, torch.Generator().manual_seed(1))
+    assert x.shape == (128, 1, 64, 101) and x.dtype == torch.float32
     with torch.no_grad():
         prob = model(x).softmax(-1)
     assert prob.shape == (128, 12)
