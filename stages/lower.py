@@ -24,6 +24,8 @@ def run(ctx: StageContext) -> dict:
     for name in APP_SIDE:
         if (source / name).exists():
             link_or_copy(source / name, ctx.workdir / name)
+    if "session" in result:  # how an app must create its onnxruntime session for this graph
+        io["session"] = result["session"]
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
     if io["state"]:
         (ctx.workdir / "state.json").write_text(json.dumps(io["state"], indent=1))

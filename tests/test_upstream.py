@@ -287,3 +287,130 @@ def test_a_conv_program_keeps_its_dynamic_batch_bound(tmp_path):
     for rows in (16, 64, 1024):
         x = torch.randn(rows, 1, 8, 8)
         assert (method.execute([x])[0] - module(x).detach()).abs().max() < 1e-4
+
+
+# 6. onnxruntime: NchwcTransformer segfaults on fp16 graphs with symbolic dims --------------
+
+def _fp16_chain(path: Path) -> Path:
+    """Transpose(fp16) -> Cast -> MatMul -> Add -> Cast(fp16) with symbolic dims: what
+    convert_float_to_float16 leaves of a GRU's gates."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+         helper.make_node("Cast", ["t"], ["t32"], to=T.FLOAT), helper.make_node("MatMul", ["t32", "w"], ["m"]),
+         helper.make_node("Add", ["m", "b"], ["y32"]), helper.make_node("Cast", ["y32"], ["y"], to=T.FLOAT16)],
+        "chain", [helper.make_tensor_value_info("x", T.FLOAT16, ["a", "b", 64])],
+        [helper.make_tensor_value_info("y", T.FLOAT16, None)],
+        [numpy_helper.from_array(np.ones((64, 12), np.float32), "w"),
+         numpy_helper.from_array(np.ones(12, np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+    return path
+
+
+def test_ort_nchwc_transformer_still_crashes_on_an_fp16_chain_with_symbolic_dims(tmp_path):
+    import subprocess
+    import sys
+
+    model = _fp16_chain(tmp_path / "chain.onnx")
+    code = (f"import onnxruntime as o; o.InferenceSession({str(model)!r}, "
+            "providers=['CPUExecutionProvider'])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == -11  # SIGSEGV
+
+
+def test_our_sessions_switch_the_crashing_optimizer_off_and_say_so(tmp_path):
+    from stages.formats.onnx import session
+
+    model = _fp16_chain(tmp_path / "chain.onnx")
+    out = session(model).run(None, {"x": np.ones((20, 4, 64), np.float16)})[0]
+    assert out.shape == (4, 20, 12) and float(out[0, 0, 0]) == 65.0
+
+
+# 7. onnxruntime: QLinearAveragePool with ceil_mode returns 0 -----------------------------------
+
+class WidePool(nn.Module):
+    """transformers' EfficientNet pooler: nn.AvgPool2d(kernel, ceil_mode=True) on a small map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(32, ceil_mode=True)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.conv(x))).flatten(1)
+
+
+def _pool_onnx(tmp: Path, precision: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    from stages.formats import onnx as onnx_backend
+
+    torch.manual_seed(0)
+    module = WidePool().eval()
+    io = export(module, [spec("x", [1, 3, 2, 2], dynamic=DYNAMIC_BATCH)], tmp / "wrap")
+    onnx_backend.convert(job(tmp / "wrap", io, "fp32", tmp / "convert"))
+    data = np.random.default_rng(0).uniform(0, 1, (16, 1, 3, 2, 2)).astype(np.float32)
+    onnx_backend.quantize(job(tmp / "convert", io, precision, tmp / "q", calibration=calibration_file(tmp, x=data)))
+    return tmp / "q" / "graph.onnx", data[:, 0], module(torch.from_numpy(data[:, 0])).detach().numpy()
+
+
+def test_ort_qlinear_average_pool_still_returns_zeros_with_ceil_mode(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model, x, expected = _pool_onnx(tmp_path, "fp32")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(model), str(tmp_path / "plain.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    assert "AveragePool" in {n.op_type for n in onnx.load(str(tmp_path / "plain.onnx")).graph.node}
+    out = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - expected).max() > 0.1 and np.abs(out).max() == 0.0
+
+
+def test_average_pools_with_ceil_mode_stay_float(tmp_path):
+    from stages.formats.onnx import session
+
+    model, x, expected = _pool_onnx(tmp_path, "int8")
+    out = session(model).run(None, {"x": x})[0]
+    assert np.abs(out - expected).max() < 0.05
+
+
+# 8. executorch: the edge IR validator pins a GRU's dynamic batch ------------------------------
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_executorch_ir_validator_still_pins_a_gru_batch(tmp_path):
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    program = torch.export.export(Recurrent().eval(), (torch.randn(2, 4, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim.DYNAMIC(max=1024)},))
+    path = tmp_path / "plain.pte"
+    path.write_bytes(to_edge_transform_and_lower(program).to_executorch().buffer)
+    assert Runtime.get().load_program(path).load_method("forward").metadata.input_tensor_meta(0).sizes()[0] == 2
+
+
+def test_a_gru_program_keeps_its_dynamic_batch(tmp_path):
+    from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    module = Recurrent().eval()
+    path = lowered(module, [spec("x", [1, 4, 8], dynamic=DYNAMIC_BATCH)], "fp32", tmp_path)
+    method = Runtime.get().load_program(path).load_method("forward")
+    assert method.metadata.input_tensor_meta(0).sizes()[0] == 1024
+    x = torch.randn(5, 4, 8)
+    assert (method.execute([x])[0] - module(x).detach()).abs().max() < 1e-5

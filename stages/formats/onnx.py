@@ -12,7 +12,8 @@ import numpy as np
 
 from pipelines.errors import PipelineError, first_line
 
-from ..upstream.onnxruntime import int8_weight_bits, unquantizable_layer_norms
+from ..upstream.onnxruntime import (int8_weight_bits, unquantizable_average_pools, unquantizable_layer_norms,
+                                   unsafe_optimizers)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 
 SUFFIX = ".onnx"
@@ -131,8 +132,8 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
 def _float_nodes(model_path: Path, job: Job, int8: bool = True) -> list[str]:
     """The nodes left in float: those of the modules quantize.keep_float names and, at int8,
     those that read a state input or write a state output (the state an app carries is never
-    quantized) and the LayerNorms onnxruntime's static quantizer cannot take
-    (stages/upstream/onnxruntime.py)."""
+    quantized), and the LayerNorms and AveragePools onnxruntime's quantizer or its fused kernels
+    get wrong (stages/upstream/onnxruntime.py)."""
     import onnx
 
     from .onnx_graph import in_modules
@@ -144,7 +145,7 @@ def _float_nodes(model_path: Path, job: Job, int8: bool = True) -> list[str]:
              if ends & {*node.input, *node.output} or in_modules(node, keep)]
     if int8 and job.quantize.per_channel:
         nodes += unquantizable_layer_norms(model)
-    return nodes
+    return nodes + (unquantizable_average_pools(model) if int8 else [])
 
 
 def _float_inputs_for_kept_layers(model_path: Path, original: Path, job: Job) -> None:
@@ -220,16 +221,7 @@ def lower(job: Job) -> dict[str, Any]:
     source = job.source / GRAPH
     optimised = job.workdir / "optimised.onnx"
     if job.fmt.optimize:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(optimised)
-        if needs_extensions(source):
-            from onnxruntime_extensions import get_library_path
-
-            options.register_custom_ops_library(get_library_path())
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        session(source, level="ORT_ENABLE_BASIC", optimized=optimised)
     else:
         link_or_copy(source, optimised)
     model = onnx.load(str(optimised))
@@ -244,7 +236,15 @@ def lower(job: Job) -> dict[str, Any]:
     except onnx.checker.ValidationError as exc:
         raise PipelineError(f"onnx.checker rejected the model: {first_line(exc)}",
                             fix="see run.log; report the exporter's output as a bug") from exc
-    return {"artifact": artifact.name, "external_data": artifact.with_name(artifact.name + ".data").exists()}
+    from ..processing import uses_custom_ops
+
+    result = {"artifact": artifact.name, "external_data": artifact.with_name(artifact.name + ".data").exists()}
+    if disabled := unsafe_optimizers(model):  # an app's session must do the same
+        result["session"] = {"disabled_optimizers": disabled,
+                             "why": "onnxruntime 1.31.1 crashes creating a session with them on this graph"}
+    if uses_custom_ops(model):
+        result.setdefault("session", {})["register"] = "onnxruntime-extensions (get_library_path())"
+    return result
 
 
 def _strip_debug_info(graph) -> None:
@@ -273,38 +273,48 @@ def runtime(as_written: bool = False) -> str:
     return f"onnxruntime {version('onnxruntime')} CPU" + (", QDQ unfused" if as_written else "")
 
 
-def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_written: bool = False
-         ) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    """as_written: quantize/dequantize run as the graph writes them, not fused into this CPU's
-    int8 kernels: the numbers any runtime computing the graph exactly gives (onnxruntime-web's
-    wasm does), for a target whose kernels are not this host's."""
+def session(model, threads: int | None = None, as_written: bool = False, level: str | None = None,
+            optimized: Path | None = None):
+    """Every onnxruntime session here: onnxruntime-extensions registered only when the graph uses
+    its ops, the optimizers that crash on the graph switched off (stages/upstream/onnxruntime.py:
+    io.json tells an app both), `threads` fixed, `as_written` without fused int8 kernels (the
+    numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
+    `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph.
+    `model`: a path or a ModelProto."""
+    import onnx
     import onnxruntime as ort
 
+    from ..processing import uses_custom_ops
+
+    proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if as_written:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if needs_extensions(artifact):  # only then: io.json tells the app the same
+    if level:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if optimized:
+        options.optimized_model_filepath = str(optimized)
+    if uses_custom_ops(proto):
         from onnxruntime_extensions import get_library_path
 
         options.register_custom_ops_library(get_library_path())
-    session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=unsafe_optimizers(proto))
+
+
+def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_written: bool = False
+         ) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """The artifact in onnxruntime as fn(feed) -> outputs (see session() for the options)."""
+    session_ = session(artifact, threads, as_written)
+    names = [i.name for i in session_.get_inputs()]
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return session.run(None, {name: batch[name] for name in names})
+        return session_.run(None, {name: batch[name] for name in names})
 
     return run
-
-
-def needs_extensions(artifact: Path) -> bool:
-    """Whether the graph uses onnxruntime-extensions' custom ops (image decoding, tokenizers)."""
-    import onnx
-
-    from ..processing import uses_custom_ops
-
-    return uses_custom_ops(onnx.load(str(artifact), load_external_data=False))
 
 
 def reference(job: Job) -> tuple[Callable, dict[str, str]]:
@@ -312,7 +322,6 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     int8 kernels), returning its outputs, every module's output, and every module's output as
     the next layer reads it (re-quantized); and module types."""
     import onnx
-    import onnxruntime as ort
 
     from . import onnx_graph
 
@@ -322,14 +331,11 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     types = {path: kind for node in model.graph.node for path, kind in onnx_graph.module_types(node).items()}
     exposed = dict.fromkeys([*points.values(), *next_reads.values()])
     onnx_graph.with_outputs(model, [v for v in exposed if v not in job.io["outputs"]])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    graph = session(model, as_written=True, level="ORT_DISABLE_ALL")
+    names = [o.name for o in graph.get_outputs()]
 
     def run(feed: dict[str, np.ndarray]):
-        values = dict(zip(names, session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})))
+        values = dict(zip(names, graph.run(None, {i.name: feed[i.name] for i in graph.get_inputs()})))
         return ([values[n] for n in names[:len(job.io["outputs"])]],
                 {path: values[v].astype(np.float32) for path, v in points.items()},
                 {path: values[v].astype(np.float32) for path, v in next_reads.items()})
@@ -340,15 +346,13 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
 def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """The graph up to `module`'s output, run by onnxruntime as the artifact is (optimised)."""
     import onnx
-    import onnxruntime as ort
 
     from . import onnx_graph
 
     model = onnx.load(str(job.source / GRAPH))
-    part = onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module])
-    session = ort.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return lambda feed: session.run(None, {n: feed[n] for n in names})[0].astype(np.float32)
+    part = session(onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module]))
+    names = [i.name for i in part.get_inputs()]
+    return lambda feed: part.run(None, {n: feed[n] for n in names})[0].astype(np.float32)
 
 
 def inspect(artifact: Path) -> dict[str, Any]:

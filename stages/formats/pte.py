@@ -15,7 +15,8 @@ from ..support.export_errors import lowering_failure
 from ..support.model_builder import as_step, used_tensors
 from ..support.state_io import state_nodes
 from ..support.streaming import carry
-from ..upstream.executorch import FP16_UNSAFE_OPS, conv_backends_off, restore_integer_scalars
+from ..upstream.executorch import (FP16_UNSAFE_OPS, conv_backends_off, edge_compile_config,
+                                  restore_integer_scalars)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 from .fx_graph import (module_outputs, module_types, reexport, requantized, to_half,
                        with_outputs, within)
@@ -167,7 +168,8 @@ def _to_executorch(program: torch.export.ExportedProgram, fmt) -> tuple[Any, byt
     partitioners = [XnnpackPartitioner()] if fmt.xnnpack else []
     try:
         with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
-            edge = to_edge_transform_and_lower(program, partitioner=partitioners)
+            edge = to_edge_transform_and_lower(program, partitioner=partitioners,
+                                               compile_config=edge_compile_config(program))
             executorch_program = edge.to_executorch(ExecutorchBackendConfig(
                 passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
     except Exception as exc:

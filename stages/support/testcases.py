@@ -141,7 +141,6 @@ def check(artifact: Path) -> dict[str, Any]:
 
 
 def _check_onnx(artifact: Path) -> dict[str, Any]:
-    import onnxruntime as ort
     from onnx import numpy_helper
 
     folders = _case_folders(artifact)
@@ -149,20 +148,14 @@ def _check_onnx(artifact: Path) -> dict[str, Any]:
         raise PipelineError(f"{artifact}: no test cases beside it ({CASES}0/ missing)")
     cases = [(int(f.name[len(CASES):]), _meta(f / "meta.json")["tolerance"], _tensors(f, "input"),
               _tensors(f, "output")) for f in folders]
-    options = ort.SessionOptions()
-    if host_isa() not in _meta(folders[0] / "meta.json").get("target_isa", [host_isa()]):
-        # as verify computed the expected outputs: the graph's own int8 arithmetic, not this
-        # CPU's fused kernels, which the artifact's target does not have (stages/formats/onnx.py)
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    # off the target's CPUs, as verify computed the expected outputs: the graph's own int8
+    # arithmetic, not this CPU's fused kernels, which the artifact's target does not have
+    as_written = host_isa() not in _meta(folders[0] / "meta.json").get("target_isa", [host_isa()])
     results, doing = [], "cannot load it"
     try:
-        from ..formats.onnx import needs_extensions
+        from ..formats.onnx import session as onnx_session
 
-        if needs_extensions(artifact):  # image decoding, tokenizers inside
-            from onnxruntime_extensions import get_library_path
-
-            options.register_custom_ops_library(get_library_path())
-        session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(artifact, as_written=as_written)
         for case, tolerance, inputs, outputs in cases:
             doing = f"failed on case {case}"
             wanted = [(t.name, numpy_helper.to_array(t)) for t in outputs]

@@ -4,7 +4,9 @@ Every workaround names the upstream version it answers, the library line that ca
 test in tests/test_upstream.py that reproduces the upstream failure from a few-layer module
 without it: when a pin moves and that test starts failing, the workaround can go.
 
-    onnxruntime.py  quantize_static crash on multi-dim LayerNorm scales; u8*s8 saturation on x86
+    onnxruntime.py  quantize_static crash on multi-dim LayerNorm scales; u8*s8 saturation on x86;
+                    NchwcTransformer segfault on fp16 graphs; QLinearAveragePool with ceil_mode
     executorch.py   integer scalars made float by XNNPACKQuantizer; fp16 LayerNorm kernel;
-                    dynamic batch narrowed by the CPU convolution backend choice while lowering
+                    dynamic batch narrowed by the CPU convolution backend choice while lowering;
+                    dynamic batch pinned by the edge IR validator on list-returning ops
 """

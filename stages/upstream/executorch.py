@@ -57,3 +57,33 @@ def conv_backends_off() -> Iterator[None]:
     """
     with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
         yield
+
+
+def edge_compile_config(program: torch.export.ExportedProgram):
+    """The EdgeCompileConfig to lower `program` with (None: ExecuTorch's default).
+
+    The edge IR validator pins a dynamic dim of an operator that returns a tensor list as its
+    only result (aten.split_with_sizes in a GRU's decomposition):
+    exir/verification/arg_validator.py:104 iterates
+    that list as if it were the returns, and line 129 then takes len() of its first tensor,
+    guarding the symbolic batch to the traced size (2): the .pte plans memory for 2 rows and a
+    larger batch fails in the runtime. Such programs lower without the IR validity check, the
+    switch ExecuTorch itself names (`_check_ir_validity`); verify still runs the artifact.
+    """
+    from executorch.exir import EdgeCompileConfig
+
+    graph = program.graph
+    dynamic = any(isinstance(node.meta.get("val"), torch.Tensor)
+                  and any(not isinstance(d, int) for d in node.meta["val"].shape)
+                  for node in graph.nodes if node.op == "placeholder")
+    list_only = torch.ListType.ofTensors()
+    pinned = any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                 and (node.target._schema.name in RECURRENT or len(node.target._schema.returns) == 1
+                      and node.target._schema.returns[0].type == list_only)
+                 for node in graph.nodes)
+    return EdgeCompileConfig(_check_ir_validity=False) if dynamic and pinned else None
+
+
+# recurrent operators decompose into list-returning ones (a GRU's gates: split_with_sizes) when
+# the program becomes edge IR
+RECURRENT = {"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu"}

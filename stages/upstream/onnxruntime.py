@@ -1,4 +1,5 @@
-"""onnxruntime 1.31.1: what its static quantizer and its x86 int8 kernels need from us."""
+"""onnxruntime 1.31.1: what its static quantizer, its x86 int8 kernels and its graph optimizers
+need from us."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -32,3 +33,28 @@ def unquantizable_layer_norms(model) -> list[str]:
     ranks = {tensor.name: len(tensor.dims) for tensor in model.graph.initializer}
     return [node.name for node in model.graph.node if node.op_type == "LayerNormalization"
             and any(ranks.get(name, 0) >= 2 for name in node.input[1:3])]
+
+
+def unsafe_optimizers(model) -> list[str]:
+    """Graph optimizers to switch off for this graph: onnxruntime 1.31.1's NchwcTransformer (on
+    at ORT_ENABLE_ALL, x86) segfaults at session creation on float16 graphs whose
+    Transpose(fp16) -> Cast -> MatMul -> Add -> Cast(fp16) chain has symbolic dims (a GRU or LSTM
+    converted to fp16 with a dynamic batch). It only re-lays out fp32 convolutions, so an fp16
+    graph loses nothing without it; io.json tells an app to create its session the same way."""
+    float16 = 10
+    tensors = [*model.graph.initializer]
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    casts = any(node.op_type == "Cast" and any(a.name == "to" and a.i == float16 for a in node.attribute)
+                for node in model.graph.node)
+    half = casts or any(t.data_type == float16 for t in tensors) or \
+        any(v.type.tensor_type.elem_type == float16 for v in values)
+    return ["NchwcTransformer"] if half else []
+
+
+def unquantizable_average_pools(model) -> list[str]:
+    """AveragePool nodes with ceil_mode=1: from ORT_ENABLE_EXTENDED on, onnxruntime 1.31.1 fuses
+    their Q-DQ-AveragePool-Q-DQ group into QLinearAveragePool, which returns 0 where the window
+    is larger than its input (transformers' EfficientNet pooler, nn.AvgPool2d(kernel,
+    ceil_mode=True) on a 2x2 map: max abs 0.77 against 0.003 unfused). Left in float."""
+    return [node.name for node in model.graph.node if node.op_type == "AveragePool"
+            and any(a.name == "ceil_mode" and a.i == 1 for a in node.attribute)]
