@@ -3,9 +3,14 @@
 The data set ships inside scikit-learn, so accuracy is measured, not assumed. The split is fixed:
 calibration draws from the training images only, verification uses the test images only.
 `python -m models.digits checkpoints/digits_cnn.pt` trains it deterministically (~10 s).
+
+Raw inputs: `test_pngs()` gives the same held-out images as `test_split()` (same order) encoded as
+8-bit grayscale PNG files, what an app really has; `preprocess_png(png)` is the app's Python
+preprocessing (PIL decode, grayscale, / 255) that turns one file into the model's `image` input.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +67,44 @@ def test_split() -> dict[str, Any]:
     """Held-out test images and labels: verification data, never seen in training or calibration."""
     _, test_x, _, test_y = _split()
     return {"inputs": {"image": test_x[:, None]}, "labels": test_y}
+
+
+def _png(image: np.ndarray) -> bytes:
+    """One (8, 8) image in [0, 1] as an 8-bit grayscale PNG: pixel = round(x * 255)."""
+    from PIL import Image
+
+    pixels = np.rint(np.clip(np.asarray(image, np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # uint8 (8, 8) arrays are mode "L"
+    return buffer.getvalue()
+
+
+def preprocess_png(png: bytes) -> dict[str, np.ndarray]:
+    """The app's preprocessing of one PNG file: PIL decode, convert("L"), / 255.
+
+    Returns {"image": float32 (1, 1, 8, 8)} in [0, 1], the model's input. The file must be 8x8.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as decoded:
+        gray = np.asarray(decoded.convert("L"), dtype=np.float32)
+    if gray.shape != (8, 8):
+        raise ValueError(f"expected an 8x8 image, got {gray.shape[1]}x{gray.shape[0]}")
+    return {"image": (gray / np.float32(255.0))[None, None]}
+
+
+def test_pngs() -> dict[str, Any]:
+    """The held-out images of test_split (same examples, same order) as 8-bit grayscale PNG bytes.
+
+    {"inputs": {"png": list[bytes]}, "labels": int64 (N,)}; decoding gives the images within 1/510.
+    """
+    _, test_x, _, test_y = _split()
+    return {"inputs": {"png": [_png(x[0]) for x in test_x]}, "labels": test_y}
+
+
+def train_pngs(samples: int | None = None, seed: int = 0) -> dict[str, list[bytes]]:
+    """train_split's images (same seed, same order) as PNG bytes: {"png": list[bytes]}."""
+    return {"png": [_png(x[0, 0]) for x in train_split(samples, seed)["image"]]}
 
 
 def make_checkpoint(path: str | Path, epochs: int = 40) -> None:

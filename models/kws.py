@@ -1,4 +1,18 @@
-"""Keyword-spotting ResNet on (B, 1, 64, 101) log-mel spectrograms, 12 classes."""
+"""Keyword-spotting ResNet on (B, 1, 64, 101) log-mel spectrograms, 12 classes.
+
+The synthetic task lives in waveform space: one-second 16 kHz clips (16000 samples in [-1, 1]),
+each class a fixed pattern of two or three tone or chirp bursts in three time slots (`PATTERNS`),
+every example with a random gain, time shift, burst phases, small frequency and length jitter and
+white noise. The training code turns waveforms into features with `log_mel` (models/audio_features.py,
+plain numpy, torchaudio's conventions: see its docstring and `FEATURES`), and the model is trained
+on those features. So there are two views of the same held-out examples:
+
+  test_split()      {"inputs": {"mel": (N, 1, 1, 64, 101) float32}, "labels": (N,) int64}
+  test_waveforms()  {"inputs": {"waveform": (N, 1, 16000) float32}, "labels": (N,) int64}
+
+and `preprocess_waveform(waveform)` is the training code's preprocessing of one example.
+`python -m models.kws checkpoints/kws_resnet.pt` trains it deterministically.
+"""
 from __future__ import annotations
 
 import pathlib
@@ -8,11 +22,38 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.audio_features import FEATURES, log_mel, mel_filterbank  # noqa: F401  (re-exported)
 from models.checkpoint_io import main, save_atomic
 from models.splits import TEST, TRAIN, generator
 
-N_MELS = 64
-N_FRAMES = 101
+N_MELS = FEATURES["n_mels"]
+N_FRAMES = FEATURES["n_frames"]
+SAMPLE_RATE = FEATURES["sample_rate"]
+N_SAMPLES = FEATURES["n_samples"]
+
+# Each class: bursts (slot, start Hz, end Hz), a tone when start == end, else a linear chirp.
+# Slots start at SLOT_ONSETS seconds (before the example's shift) and last ~BURST_SECONDS.
+SLOT_ONSETS = (0.14, 0.40, 0.66)
+BURST_SECONDS = 0.20
+PATTERNS = (
+    ((0, 400, 400), (1, 1100, 1100)),
+    ((0, 1100, 1100), (1, 400, 400)),
+    ((0, 700, 1600), (2, 700, 700)),
+    ((0, 1600, 700), (2, 700, 700)),
+    ((0, 2300, 2300), (1, 2300, 2300), (2, 2300, 2300)),
+    ((0, 3200, 3200), (1, 1100, 1100), (2, 3200, 3200)),
+    ((1, 4500, 4500), (2, 400, 400)),
+    ((0, 400, 2300), (1, 2300, 400)),
+    ((0, 700, 700), (1, 3200, 3200), (2, 700, 700)),
+    ((1, 1600, 1600), (2, 4500, 2300)),
+    ((0, 5500, 5500), (2, 1100, 1100)),
+    ((0, 2300, 3200), (1, 1600, 1600), (2, 2300, 3200)),
+)
+NUM_CLASSES = len(PATTERNS)
+MAX_SHIFT = 0.08          # seconds, uniform in [-MAX_SHIFT, MAX_SHIFT]
+PEAK = (0.1, 0.5)         # burst amplitude range (log-uniform)
+NOISE = (0.005, 0.03)     # white-noise standard deviation range (log-uniform)
+RAMP = 0.015              # raised-cosine attack and release, seconds
 
 
 class ResidualBlock(nn.Module):
@@ -71,66 +112,129 @@ def build(config: dict) -> nn.Module:
     return KwsResNet(**config)
 
 
-def _class_templates(num_classes: int, gen: torch.Generator) -> torch.Tensor:
-    """One spectrogram template per class: two Gaussian blobs at class-specific (freq, time) spots."""
-    f = torch.arange(N_MELS, dtype=torch.float32)[:, None]
-    t = torch.arange(N_FRAMES, dtype=torch.float32)[None, :]
-    templates = torch.zeros(num_classes, N_MELS, N_FRAMES)
-    for k in range(num_classes):
-        for _ in range(2):
-            fc = torch.randint(4, N_MELS - 4, (1,), generator=gen).float()
-            tc = torch.randint(15, N_FRAMES - 15, (1,), generator=gen).float()
-            templates[k] += torch.exp(-((f - fc) ** 2) / 18.0 - ((t - tc) ** 2) / 60.0)
-    return templates
+def _table() -> np.ndarray:
+    """PATTERNS as an array (classes, 3 slots, [active, start Hz, end Hz])."""
+    table = np.zeros((NUM_CLASSES, len(SLOT_ONSETS), 3))
+    for k, bursts in enumerate(PATTERNS):
+        for slot, f0, f1 in bursts:
+            table[k, slot] = (1.0, f0, f1)
+    return table
 
 
-def _batch(templates: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random classes; template with a small random time shift, random gain, and Gaussian noise."""
-    labels = torch.randint(0, templates.shape[0], (size,), generator=gen)
-    shifts = torch.randint(-6, 7, (size, 1, 1), generator=gen)
-    time_index = torch.remainder(torch.arange(N_FRAMES) - shifts, N_FRAMES).expand(-1, N_MELS, -1)
-    x = templates[labels].gather(-1, time_index)
-    gain = 0.7 + 0.6 * torch.rand(size, 1, 1, generator=gen)
-    x = gain * x + 0.3 * torch.randn(x.shape, generator=gen)
-    return x.unsqueeze(1), labels
+def _waveforms(size: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`size` random examples: float32 waveforms (size, 16000) in [-1, 1] and int64 labels (size,).
+
+    All randomness comes from `gen` (drawn in a fixed order), the synthesis is plain numpy (float64).
+    """
+    slots = len(SLOT_ONSETS)
+    labels = torch.randint(0, NUM_CLASSES, (size,), generator=gen).numpy()
+    shift = (2 * torch.rand(size, 1, generator=gen).double().numpy() - 1) * MAX_SHIFT
+    peak = np.exp(np.log(PEAK[0]) + np.log(PEAK[1] / PEAK[0]) * torch.rand(size, 1, generator=gen).double().numpy())
+    phase = 2 * np.pi * torch.rand(size, slots, generator=gen).double().numpy()
+    detune = 1 + 0.03 * (2 * torch.rand(size, slots, generator=gen).double().numpy() - 1)
+    length = BURST_SECONDS * (1 + 0.1 * (2 * torch.rand(size, slots, generator=gen).double().numpy() - 1))
+    sigma = np.exp(np.log(NOISE[0]) + np.log(NOISE[1] / NOISE[0]) * torch.rand(size, 1, generator=gen).double().numpy())
+    noise = torch.randn(size, N_SAMPLES, generator=gen).double().numpy()
+
+    table = _table()
+    x = sigma * noise                                                  # (size, 16000)
+    for i in range(size):
+        for slot, (active, f_start, f_end) in enumerate(table[labels[i]]):
+            if not active:
+                continue
+            onset, d = SLOT_ONSETS[slot] + shift[i, 0], length[i, slot]
+            a, b = f_start * detune[i, slot], f_end * detune[i, slot]
+            n = np.arange(max(0, int(np.ceil(onset * SAMPLE_RATE))), min(N_SAMPLES, int(np.ceil((onset + d) * SAMPLE_RATE))))
+            tau = n / SAMPLE_RATE - onset                              # seconds into the burst, [0, d)
+            ramp = np.clip(np.minimum(tau, d - tau) / RAMP, 0.0, 1.0)
+            envelope = 0.5 - 0.5 * np.cos(np.pi * ramp)                # raised-cosine attack and release
+            chirp = np.sin(2 * np.pi * (a * tau + (b - a) * tau**2 / (2 * d)) + phase[i, slot])  # a -> b Hz
+            x[i, n] += peak[i, 0] * envelope * chirp
+    return np.clip(x, -1.0, 1.0).astype(np.float32), labels.astype(np.int64)
+
+
+def _batch(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` random examples as the model takes them: log-mel (size, 1, 64, 101) and labels (size,)."""
+    waveforms, labels = _waveforms(size, gen)
+    return torch.from_numpy(log_mel(waveforms)[:, None]), torch.from_numpy(labels)
 
 
 def _examples(split: int, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Examples (N, 1, 1, 64, 101) of the task the checkpoint was trained on, and their labels."""
-    templates = _class_templates(12, torch.Generator().manual_seed(0))  # as make_checkpoint draws them
-    x, labels = _batch(templates, samples, generator(split, seed))
-    return x[:, None].numpy(), labels.numpy()
+    """Waveform examples (N, 1, 16000) of the split and seed, and their labels (N,)."""
+    waveforms, labels = _waveforms(samples, generator(split, seed))
+    return waveforms[:, None], labels
+
+
+def preprocess_waveform(waveform: np.ndarray) -> dict[str, np.ndarray]:
+    """The training code's preprocessing of one example: waveform (16000,) or (1, 16000) float32 in
+    [-1, 1] at 16 kHz -> {"mel": float32 (1, 1, 64, 101)} = log_mel(waveform)."""
+    x = np.asarray(waveform, np.float32).reshape(-1)
+    if x.shape != (N_SAMPLES,):
+        raise ValueError(f"expected one waveform of {N_SAMPLES} samples, got shape {np.shape(waveform)}")
+    return {"mel": log_mel(x)[None, None]}
+
+
+def train_waveforms(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration waveforms from the training distribution: {"waveform": float32 (N, 1, 16000)}."""
+    return {"waveform": _examples(TRAIN, samples, seed)[0]}
+
+
+def test_waveforms(samples: int = 256) -> dict:
+    """Held-out waveforms and labels (the examples of test_split, same order):
+    {"inputs": {"waveform": float32 (N, 1, 16000)}, "labels": int64 (N,)}."""
+    waveforms, labels = _examples(TEST, samples, 0)
+    return {"inputs": {"waveform": waveforms}, "labels": labels}
 
 
 def train_split(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
-    """Calibration inputs from the training distribution."""
-    return {"mel": _examples(TRAIN, samples, seed)[0]}
+    """Calibration inputs from the training distribution: {"mel": float32 (N, 1, 1, 64, 101)}, the
+    log_mel of train_waveforms(samples, seed)."""
+    return {"mel": log_mel(train_waveforms(samples, seed)["waveform"])[:, None]}
 
 
 def test_split(samples: int = 256) -> dict:
-    """Held-out inputs and labels: verification data, never drawn for calibration."""
-    mel, labels = _examples(TEST, samples, 0)
-    return {"inputs": {"mel": mel}, "labels": labels}
+    """Held-out inputs and labels: verification data, never drawn for calibration.
+    {"inputs": {"mel": float32 (N, 1, 1, 64, 101)}, "labels": int64 (N,)}: log_mel(test_waveforms)."""
+    data = test_waveforms(samples)
+    return {"inputs": {"mel": log_mel(data["inputs"]["waveform"])[:, None]}, "labels": data["labels"]}
 
 
-def make_checkpoint(path: str | pathlib.Path) -> None:
-    """Train briefly on the synthetic blob task and write ``{"model_state_dict", "config"}`` atomically."""
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    gen = torch.Generator().manual_seed(0)
-    config = {"num_classes": 12, "channels": 16, "n_blocks": 3}
-    model = build(config)
-    templates = _class_templates(config["num_classes"], gen)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(100):
-        x, y = _batch(templates, 32, gen)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+TRAIN_STEPS = 160
+TRAIN_BATCH = 32
+LEARNING_RATE = 5e-3
+TRAIN_SEED = 1000  # the training stream: generator(TRAIN, 1000), apart from calibration's seeds
+
+
+def make_checkpoint(path: str | pathlib.Path, steps: int = TRAIN_STEPS) -> None:
+    """Train on fresh log-mel batches of the waveform task and write ``{"model_state_dict", "config"}``
+    atomically (~15 s).
+
+    One intra-op thread, restored afterwards: these small convolutions gain nothing from a second
+    thread, and on a loaded machine OpenMP's barriers make two threads ~30x slower than one. Label
+    smoothing keeps the logits moderate (|logit| < ~10): float16's rounding step at the logits of
+    plain cross-entropy would exceed FP16's tolerance.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        gen = generator(TRAIN, TRAIN_SEED)
+        config = {"num_classes": NUM_CLASSES, "channels": 16, "n_blocks": 3}
+        model = build(config)
+        opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps)
+        model.train()
+        for _ in range(steps):
+            x, y = _batch(TRAIN_BATCH, gen)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        model.eval()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
     save_atomic({"model_state_dict": state, "config": config}, pathlib.Path(path))
 
 

@@ -62,9 +62,11 @@ def ensure_checkpoint(model: dict[str, Any], overrides: list[str], cache_dir: Pa
     with FileLock(str(locks / f"checkpoint-{digest}.lock")):
         if path.exists():
             return
-        log.info("making the checkpoint %s with %s", path, model["make_checkpoint"])
+        maker = model["make_checkpoint"]
+        maker = maker if isinstance(maker, dict) else {"_target_": maker}
+        log.info("making the checkpoint %s with %s", path, maker["_target_"])
         with logs.libraries_to_log():
-            get_method(model["make_checkpoint"])(path)
+            get_method(maker["_target_"])(path, **{k: v for k, v in maker.items() if k != "_target_"})
 
 
 def _write(path: Path, value: dict[str, Any]) -> None:

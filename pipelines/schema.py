@@ -180,7 +180,8 @@ class ModelConfig:
     arch: Optional[Dict[str, Any]] = None  # {_target_: pkg.Class, **kwargs}
     factory: Optional[str] = None  # dotted callable building the model from the checkpoint's config
     checkpoint: str = MISSING
-    make_checkpoint: Optional[str] = None  # dotted callable(path) that writes a missing checkpoint
+    # writes a missing checkpoint: a dotted callable(path), or {_target_: callable, **its args}
+    make_checkpoint: Optional[Any] = None
     allow_pickle: bool = False
     clean: CleanConfig = field(default_factory=CleanConfig)
     parts: List[PartConfig] = MISSING

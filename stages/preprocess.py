@@ -82,7 +82,8 @@ def _attach(ctx: StageContext, raw, io: dict[str, Any]) -> dict[str, Any]:
         "inside": [s.describe() for s in inside + post],
         "custom_ops": "onnxruntime-extensions" if fmt == "onnx" and any(s.custom_op for s in inside) else None,
         "app_steps_custom_ops": "onnxruntime-extensions" if any(s.custom_op for s in app) else None,
-        "labels": "labels.json" if labels and fmt == "pte" else None}
+        "labels": "labels.json" if labels and fmt == "pte" else None,
+        "constant_bytes": made["constant_bytes"]}  # float on purpose: the audit does not count them
     (ctx.workdir / "io.json").write_text(json.dumps(
         {"inputs": made["inputs"], "outputs": made["outputs"], "state": [], "internal_state": [],
          "processing": processing}, indent=1))

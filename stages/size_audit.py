@@ -35,11 +35,16 @@ def run(ctx: StageContext) -> dict:
     kept = kept_parameters(ctx.input("wrap").dir / "modules.json", list(ctx.cfg.quantize.keep_float))
     if kept:
         report["kept_float_parameters"] = kept
-    report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection, kept * 4)
+    io = json.loads((lower.dir / "io.json").read_text())
+    processing = (io.get("processing") or {}).get("constant_bytes", 0)  # a log-mel's DFT kernels
+    if processing:
+        report["processing_constant_bytes"] = processing
+    report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection,
+                                                         kept * 4 + processing)
     report["warnings"] = []
     if report["passed"]:
-        report["passed"], report["reason"], report["warnings"] = check_file(
-            ctx.cfg.precision.name, file_bytes, parameters)
+        report["passed"], report["reason"], report["warnings"] = check_file(  # float on purpose aside
+            ctx.cfg.precision.name, file_bytes - kept * 4 - processing, parameters - kept)
     (ctx.workdir / "size_audit.json").write_text(json.dumps(report, indent=1))
     report["summary"] = (f"{file_bytes / 1024:.1f} KiB ({compressed / 1024:.1f} KiB zlib), "
                          f"{report['ratio_to_fp32_parameters']:.2f}x fp32 weights"
@@ -58,23 +63,25 @@ def kept_parameters(modules_json, keep: list[str]) -> int:
     return sum(modules.get(path, {}).get("parameters", 0) for path in set(outer))
 
 
-def check_precision(precision: str, inspection: dict[str, Any], kept_float_bytes: int = 0) -> tuple[bool, str]:
-    """An int8 artifact must hold int8 weights and quantization ops (in all but the layers it
-    keeps float on purpose); an fp16 one, fp16 weights."""
-    share = inspection["weight_share_by_dtype"]
+def check_precision(precision: str, inspection: dict[str, Any], float_bytes: int = 0) -> tuple[bool, str]:
+    """An int8 artifact must hold int8 weights and quantization ops, an fp16 one fp16 weights, in
+    all but the bytes that are float on purpose: `float_bytes` (layers kept float, processing
+    steps' constants) and the embedding tables XNNPACK's quantizer leaves in float."""
+    share, weights = inspection["weight_share_by_dtype"], inspection["weight_bytes_by_dtype"]
+    exempt = float_bytes + (inspection.get("embedding_bytes", 0) if precision.startswith("int8") else 0)
+    judged = max(sum(weights.values()) - exempt, 1)
+    besides = f" besides {exempt:,} bytes float on purpose" if exempt else ""
     if precision in ("int8", "int8_dynamic"):
-        weights = inspection["weight_bytes_by_dtype"]
         int8 = weights.get("int8", 0) + weights.get("uint8", 0)
-        quantizable = sum(weights.values()) - kept_float_bytes
-        if int8 < 0.5 * quantizable:
-            kept = f" besides the {kept_float_bytes:,} bytes kept float" if kept_float_bytes else ""
-            return False, f"precision {precision} but int8 holds only {int8 / max(quantizable, 1):.0%} " \
-                          f"of the weight bytes{kept} ({share})"
+        if int8 < 0.5 * judged:
+            return False, f"precision {precision} but int8 holds only {int8 / judged:.0%} " \
+                          f"of the weight bytes{besides} ({share})"
         if inspection["quantize_ops"] + inspection["dequantize_ops"] == 0 and \
                 not inspection.get("quantized_ops"):
             return False, f"precision {precision} but the graph has no quantization ops"
-    if precision == "fp16" and share.get("float16", 0) < 0.5:
-        return False, f"precision fp16 but float16 holds only {share.get('float16', 0):.0%} of the weight bytes"
+    if precision == "fp16" and weights.get("float16", 0) < 0.5 * judged:
+        return False, f"precision fp16 but float16 holds only {weights.get('float16', 0) / judged:.0%} " \
+                      f"of the weight bytes{besides}"
     return True, ""
 
 

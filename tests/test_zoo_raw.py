@@ -4,6 +4,7 @@ transformers' tokenizer for the text classifier (and onnxruntime-extensions' tok
 with it). The tests that train a checkpoint are marked slow."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import pathlib
@@ -16,9 +17,16 @@ from models import digits, kws, text
 from models.audio_features import FEATURES, hz_to_mel, log_mel, mel_filterbank
 
 
-def _transformers():
-    return pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency: "
-                               "pip install -r requirements-corpus.txt -c requirements.txt)")
+def _has_transformers() -> bool:
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except ValueError:  # in sys.modules as None: import blocked
+        return False
+
+
+needs_transformers = pytest.mark.skipif(
+    not _has_transformers(), reason="transformers is not installed (a test-only dependency: "
+    "pip install -r requirements-corpus.txt -c requirements.txt)")
 
 
 # -- digits: PNG files ---------------------------------------------------------------------------
@@ -169,8 +177,8 @@ def test_sentences_use_whole_words_pieces_and_unknown_words() -> None:
     assert texts == text.sentences(text.TEST, 256)[0] != text.sentences(text.TRAIN, 256)[0]
 
 
+@needs_transformers
 def test_test_sentences_and_test_split_are_the_same_examples() -> None:
-    _transformers()
     raw, split = text.test_sentences(), text.test_split()
     sentences = raw["inputs"]["text"]
     assert sentences.shape == (256, 1) and sentences.dtype == object and isinstance(sentences[0, 0], str)
@@ -192,6 +200,7 @@ def test_test_sentences_and_test_split_are_the_same_examples() -> None:
     assert train["input_ids"].shape == (8, 1, 16) and train["attention_mask"].dtype == np.int64
 
 
+@needs_transformers
 def test_the_tokenizer_loads_the_whole_vocabulary() -> None:
     """transformers 5's BertTokenizerFast takes the file as vocab=; vocab_file= (4.x) is swallowed
     by **kwargs and leaves 5 special tokens: every word [UNK]. text.tokenizer() refuses that."""
@@ -229,9 +238,9 @@ def _ortx_session(**param):
     return lambda sentence: session.run(None, {"text": np.array([sentence], dtype=object)})
 
 
+@needs_transformers
 @pytest.mark.parametrize("strip_accents", [0, 1])
 def test_ortx_bert_tokenizer_matches_transformers(strip_accents: int) -> None:
-    _transformers()
     run = _ortx_session(do_lower_case=1, strip_accents=strip_accents)
     sentences = [*text.test_sentences()["inputs"]["text"][:, 0], *text.train_sentences(256, seed=0)["text"][:, 0]]
     for sentence in sentences:
@@ -242,6 +251,7 @@ def test_ortx_bert_tokenizer_matches_transformers(strip_accents: int) -> None:
         assert mask.tolist() == expected["attention_mask"].tolist(), sentence
 
 
+@needs_transformers
 @pytest.mark.parametrize("sentence, transformers_ids, ortx_ids", [
     # a word out of the vocabulary with a vocabulary prefix: transformers -> one [UNK] for the word,
     # onnxruntime-extensions -> the prefix's pieces, then [UNK] for the rest
@@ -252,7 +262,6 @@ def test_ortx_bert_tokenizer_matches_transformers(strip_accents: int) -> None:
     ("[SEP] team", ["[SEP]", "team"], ["[UNK]", "[UNK]", "[UNK]", "team"]),
 ])
 def test_tokenizer_differences_the_data_avoids(sentence: str, transformers_ids: list, ortx_ids: list | None) -> None:
-    _transformers()
     tokens = text.vocab_tokens()
     hf = [tokens[i] for i in text.preprocess_text(sentence)["input_ids"][0]][1:-1]
     assert hf == transformers_ids
@@ -286,14 +295,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]
     return paths
 
 
-def _has_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _load(module, path: pathlib.Path) -> torch.nn.Module:
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) == {"model_state_dict", "config"}
@@ -316,9 +317,9 @@ def test_kws_reaches_its_accuracy_from_mel_and_from_waveforms(trained: dict) -> 
     assert logits.abs().max() < 12  # moderate logits for FP16
 
 
+@needs_transformers
 @pytest.mark.slow
 def test_text_reaches_its_accuracy_from_ids_and_from_sentences(trained: dict) -> None:
-    _transformers()
     model = _load(text, trained["text"])
     split = text.test_split()
     ids, mask = (torch.from_numpy(split["inputs"][k][:, 0]) for k in ("input_ids", "attention_mask"))
@@ -334,9 +335,9 @@ def test_text_reaches_its_accuracy_from_ids_and_from_sentences(trained: dict) ->
     assert logits.abs().max() < 12
 
 
+@needs_transformers
 @pytest.mark.slow
 def test_text_checkpoint_is_deterministic_and_rebuilds(trained: dict, tmp_path: pathlib.Path) -> None:
-    _transformers()
     import json
 
     again = tmp_path / "again.pt"
@@ -349,9 +350,9 @@ def test_text_checkpoint_is_deterministic_and_rebuilds(trained: dict, tmp_path: 
     assert list(fresh) == list(ckpt["model_state_dict"])
 
 
+@needs_transformers
 @pytest.mark.slow
 def test_text_model_exports_with_a_dynamic_sequence(trained: dict) -> None:
-    _transformers()
     model = _load(text, trained["text"])
     ids = torch.from_numpy(text.preprocess_text("The team scored a goal.")["input_ids"])
     mask = torch.ones_like(ids)

@@ -207,11 +207,22 @@ def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list
         _save(steps, job.workdir / APP_STEPS)
         inputs = [spec(value) for value in steps.graph.output]
     model = onnx.load(str(job.source / GRAPH))
+    before = _constant_bytes(model)
     if pre or post:
         model = onnx_model(inputs, pre, post, model, job.fmt.opset)
     _save(model, job.workdir / GRAPH)
     return {"inputs": [spec(value) for value in model.graph.input],
-            "outputs": [value.name for value in model.graph.output]}
+            "outputs": [value.name for value in model.graph.output],
+            "constant_bytes": _constant_bytes(model) - before}
+
+
+def _constant_bytes(model) -> int:
+    """Bytes of the graph's initializers and Constant values (the weights the audit counts)."""
+    from onnx import numpy_helper
+
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(numpy_helper.to_array(t).nbytes for t in tensors if t.data_location != 1)
 
 
 def lower(job: Job) -> dict[str, Any]:

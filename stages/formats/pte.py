@@ -116,7 +116,8 @@ def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list
                                       strict=False)
     torch.export.save(program, job.workdir / PROGRAM)
     outputs = (post[-1].outputs("pte") if post else job.io["outputs"][:1]) + job.io["outputs"][1:]
-    return {"inputs": inputs, "outputs": outputs, "example": feed}
+    constants = sum(t.numel() * t.element_size() for step in [*module.pre, *module.post] for t in step.buffers())
+    return {"inputs": inputs, "outputs": outputs, "example": feed, "constant_bytes": constants}
 
 
 class _Processed(torch.nn.Module):
@@ -245,12 +246,24 @@ def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     for tensor in used_tensors(program):  # unused originals are not shipped
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    embeddings = _embedding_bytes(program)
     quantize_ops = sum(c for t, c in targets.items() if "quantize_per" in t and "dequantize" not in t)
     dequantize_ops = sum(c for t, c in targets.items() if "dequantize_per" in t)
     return {**weight_summary(dict(by_dtype), "the program handed to ExecuTorch lowering "
                              "(the backend may store some weights wider: see bytes_per_parameter)"),
-            "quantize_ops": quantize_ops,
-            "dequantize_ops": dequantize_ops, "graph_nodes": sum(targets.values())}
+            "quantize_ops": quantize_ops, "dequantize_ops": dequantize_ops,
+            "graph_nodes": sum(targets.values()), **({"embedding_bytes": embeddings} if embeddings else {})}
+
+
+def _embedding_bytes(program: torch.export.ExportedProgram) -> int:
+    """Bytes of the float tables aten.embedding reads: XNNPACKQuantizer leaves them float (it has
+    no embedding pattern), so an int8 program keeps them at their size."""
+    signature = program.graph_signature
+    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    tables = {node.args[0].name for node in program.graph.nodes if node.op == "call_function"
+              and "embedding" in str(node.target) and isinstance(node.args[0], torch.fx.Node)}
+    return sum(t.numel() * t.element_size() for name, t in program.state_dict.items()
+               if name in {names.get(n) for n in tables} and t.is_floating_point())
 
 
 def _op_name(target: Any) -> str:

@@ -81,6 +81,9 @@ class TopK(Step):
     name = "topk"
 
     def __init__(self, k: int = 1, labels: list[str] | None = None):
+        odd = [label for label in labels or [] if not isinstance(label, str)]
+        if odd:
+            raise TypeError(f"labels must be strings, not {odd} (YAML reads yes/no/on/off as booleans: quote them)")
         super().__init__(k=int(k), labels=list(labels) if labels else None)
 
     def onnx(self) -> list:

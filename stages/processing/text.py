@@ -27,7 +27,11 @@ class WordPiece(Step):
 
             raise PipelineError(f"the wordpiece vocabulary {vocab} does not exist",
                                 fix="point the step's vocab at the model's vocabulary file")
-        return [BertTokenizer(TokenizerParam(vocab_or_file=str(vocab), do_lower_case=int(self.params["lower_case"])),
+        # a vocab.txt as {token: id}: given a path, TokenizerParam reads it as JSON; lower-casing
+        # strips accents too, as BERT's (and transformers') basic tokenizer does
+        tokens = {line.rstrip("\n"): index for index, line in enumerate(vocab.read_text().splitlines(True))}
+        lower = int(self.params["lower_case"])
+        return [BertTokenizer(TokenizerParam(vocab_or_file=tokens, do_lower_case=lower, strip_accents=lower),
                               need_token_type_ids_output=True)]  # (sic): True leaves token_type_ids out
 
     def files(self) -> list[str]:
