@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup web-runtime demo web matrix bench test test-all check-artifact cache-list cache-prune clean
+.PHONY: help setup web-runtime corpus-deps demo web matrix bench corpus test test-all check-artifact \
+        cache-list cache-prune clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,6 +24,14 @@ setup: $(STAMP)  ## create .venv with the pinned versions (requirements.txt)
 web-runtime:  ## Debian's Chromium + onnxruntime-web (web/package-lock.json), for web targets
 	sh web/install.sh
 
+CORPUS_STAMP := $(VENV)/.corpus-installed
+$(CORPUS_STAMP): $(STAMP) requirements-corpus.txt
+	# test-only: transformers for the corpus and the text model; requirements.txt pins torch
+	$(PY) -m pip install --quiet -r requirements-corpus.txt -c requirements.txt
+	touch $(CORPUS_STAMP)
+
+corpus-deps: $(CORPUS_STAMP)  ## transformers & co. (requirements-corpus.txt), for the corpus and text_bert
+
 demo: $(STAMP)  ## export the demo model to a verified .pte (recipe android_dev)
 	$(PY) run.py recipe=android_dev
 
@@ -35,10 +44,15 @@ matrix: $(STAMP) web-runtime  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, on
 bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
 	$(PY) -m pipelines.bench
 
+CORPUS_SWEEP := outputs/multirun/corpus/$(shell date +%Y-%m-%d_%H-%M-%S)
+corpus: $(CORPUS_STAMP)  ## 14 real architectures x the six cells, the cell table (slow: about 40 min)
+	$(PY) run.py -m recipe=corpus 'hydra.searchpath=[file://$(CURDIR)/corpus/conf]' \
+	    hydra.sweep.dir=$(CORPUS_SWEEP) || $(PY) -m pipelines.matrix $(CORPUS_SWEEP)
+
 test: $(STAMP) web-runtime  ## the test suite (CI runs this)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) web-runtime  ## the test suite including the slow end-to-end tests
+test-all: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 check-artifact: $(STAMP)  ## re-run the test cases an artifact carries: make check-artifact ARTIFACT=path

@@ -25,14 +25,20 @@ COLUMNS = ["cell", "status", "size", "vs fp32", "zlib", "max abs", "cosine", "ac
 
 class MatrixReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect(sweep_dir)
-        if not rows:
-            return
-        write(rows, sweep_dir)
-        logs.console().write(f"\n{render(rows)}\n\nmatrix: {sweep_dir}/matrix.html (and .md, .csv, .json)\n")
-        if any(row["status"] == "fail" for row in rows):
+        if not report(Path(config.hydra.sweep.dir)):
             sys.exit(1)
+
+
+def report(sweep_dir: Path) -> bool:
+    """Write and print the sweep's matrix; whether every cell passed (or was repaired). Also
+    `python -m pipelines.matrix <sweep dir>` after a sweep a native crash ended: cells with no
+    report are listed as such."""
+    rows = collect(sweep_dir)
+    if not rows:
+        return True
+    write(rows, sweep_dir)
+    logs.console().write(f"\n{render(rows)}\n\nmatrix: {sweep_dir}/matrix.html (and .md, .csv, .json)\n")
+    return not any(row["status"] == "fail" for row in rows)
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -60,6 +66,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "diagnosis": _diagnosis_line(verify),
                 "artifact": part.get("artifact"), "job_dir": str(path.parent),
             })
+    rows += _missing(sweep_dir, {(r["model"], r["precision"], r["format"]) for r in rows})
     fp32 = {(r["model"], r["part"], r["format"]): r["file_bytes"] for r in rows
             if r["precision"] == "fp32" and r["status"] == "pass"}
     for row in rows:
@@ -71,6 +78,39 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         parts.setdefault((row["model"], row["part"]), len(parts))
     return sorted(rows, key=lambda r: (r["model"], parts[r["model"], r["part"]], r["format"],
                                        order.get(r["precision"], 9)))
+
+
+SWEPT = ("model", "precision", "format")  # the keys a cell is named by (its job's subdir)
+
+
+def _missing(sweep_dir: Path, found: set[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """A row for every cell the sweep asked for (multirun.yaml) that left no report.json."""
+    import itertools
+
+    import yaml
+
+    try:
+        config = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    values = {key: [config[key]["name"]] if isinstance(config.get(key), dict) else [] for key in SWEPT}
+    asked = {**(config["hydra"]["sweeper"].get("params") or {}),
+             **dict(o.split("=", 1) for o in config["hydra"]["overrides"]["task"] if "=" in o)}
+    for key in SWEPT:
+        if key in asked:
+            values[key] = [v.strip() for v in str(asked[key]).split(",")]
+    rows = []
+    for model, precision, fmt in itertools.product(*(values[key] for key in SWEPT)):
+        if (model, precision, fmt) not in found:
+            rows.append({"model": model, "part": "-", "precision": precision, "format": fmt,
+                         "status": "fail", "warnings": [], "float_layers": [],
+                         "error": "no report: the job died or never ran (a native crash ends a "
+                                  f"joblib sweep); see {sweep_dir}/{model}_{precision}_{fmt}/run.log",
+                         **{k: None for k in ("file_bytes", "compressed_bytes", "max_abs", "cosine",
+                                              "accuracy_eager", "accuracy", "top1_agreement", "seconds",
+                                              "artifact", "diagnosis")}, "job_dir": None,
+                         **_latency_columns(None), **_target_columns(None)})
+    return rows
 
 
 def _latency_columns(latency: dict[str, Any] | None) -> dict[str, Any]:
@@ -139,3 +179,7 @@ def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     md += [""] + [f"- **{cell}**: {text}" for cell, text in notes(rows)]
     (sweep_dir / "matrix.md").write_text("\n".join(md) + "\n")
     write_html(rows, sweep_dir, plots(rows, sweep_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(0 if report(Path(sys.argv[1])) else 1)

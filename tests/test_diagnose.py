@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from pipelines.report import part_report
@@ -79,3 +80,16 @@ def test_diagnosis_always_gives_every_layer_even_when_passing(run_tiny):
     assert [layer["module"] for layer in diagnosis["layers"]] == ["body.0", "body.2", "body"]
     assert all(np.isfinite(layer["error"]) for layer in diagnosis["layers"])
     assert json.loads(json.dumps(diagnosis)) == diagnosis
+
+
+def test_an_activation_the_quantizer_folds_is_not_taken_for_lost_precision(run_tiny, tmp_path):
+    """onnxruntime folds stem's ReLU6 into the QuantizeLinear after its conv: the graph's value
+    there is pre-activation, and stem's output is that value clipped to [0, 6]."""
+    from tests.tiny import BlockNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.pt"
+    torch.save(BlockNet().state_dict(), path)
+    run = run_tiny("precision=int8", SYNTHETIC, "verify.diagnose=always", model="tiny_block", checkpoint=path)
+    layers = {layer["module"]: layer for layer in run.result("verify")["diagnosis"]["layers"]}
+    assert layers["stem"]["error"] < 0.05 and layers["stem.conv"]["error"] < 0.05

@@ -123,3 +123,26 @@ class TokenNet(nn.Module):
 def calibration_without_seed(samples: int = 8) -> dict[str, np.ndarray]:
     """A calibration callable that forgot the seed argument the pipeline passes."""
     return calibration(samples)
+
+
+class ConvBlock(nn.Module):
+    """Conv then ReLU6 inside one module (MobileNetV2's ConvLayer): onnxruntime's quantizer folds
+    the ReLU6 into the QuantizeLinear after the conv."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class BlockNet(nn.Module):
+    def __init__(self, channels: int = 8, classes: int = 4):
+        super().__init__()
+        self.stem = ConvBlock(channels)
+        self.head = nn.Linear(channels * 8 * 8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x).flatten(1))

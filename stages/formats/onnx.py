@@ -123,6 +123,7 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
                     calibrate_method=getattr(CalibrationMethod, method), **bits,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     _float_inputs_for_kept_layers(target, prepared, job)
+    _record_folded_activations(target, prepared)
     prepared.unlink()
     return (f"ORT static QDQ int8, {method} calibration"
             + (", per-channel weights" if job.quantize.per_channel else "")
@@ -160,6 +161,19 @@ def _float_inputs_for_kept_layers(model_path: Path, original: Path, job: Job) ->
         unquantized_inputs(model, {n.name for n in model.graph.node if in_modules(n, keep)},
                            onnx.load(str(original), load_external_data=False))
         _save(model, model_path)
+
+
+FOLDED = "folded.json"  # activations the quantizer folded into QuantizeLinear (for diagnosis)
+
+
+def _record_folded_activations(model_path: Path, original: Path) -> None:
+    import onnx
+
+    from .onnx_graph import folded_activations
+
+    folded = folded_activations(onnx.load(str(model_path), load_external_data=False),
+                                onnx.load(str(original), load_external_data=False))
+    (model_path.parent / FOLDED).write_text(json.dumps(folded))
 
 
 def _kept(job: Job) -> str:
@@ -345,10 +359,17 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     graph = session(model, as_written=True, level="ORT_DISABLE_ALL")
     names = [o.name for o in graph.get_outputs()]
 
+    folded = json.loads((job.source / FOLDED).read_text()) if (job.source / FOLDED).exists() else {}
+
+    def output(path: str, value: np.ndarray, name: str) -> np.ndarray:
+        """A module whose own activation the quantizer folded outputs the value clipped by it."""
+        fold = folded.get(name)
+        return np.clip(value, *fold["range"]) if fold and path in fold["modules"] else value
+
     def run(feed: dict[str, np.ndarray]):
         values = dict(zip(names, graph.run(None, {i.name: feed[i.name] for i in graph.get_inputs()})))
         return ([values[n] for n in names[:len(job.io["outputs"])]],
-                {path: values[v].astype(np.float32) for path, v in points.items()},
+                {path: output(path, values[v], v).astype(np.float32) for path, v in points.items()},
                 {path: values[v].astype(np.float32) for path, v in next_reads.items()})
 
     return run, types

@@ -190,3 +190,27 @@ def _sorted(model):
     del model.graph.node[:]
     model.graph.node.extend(ordered)
     return model
+
+
+def folded_activations(quantized, original) -> dict[str, dict]:
+    """Values whose Relu or Clip onnxruntime's quantizer folded into the QuantizeLinear after them
+    (the graph keeps the value's name on the layer before it): name -> {range: [low, high] the
+    next layer sees it clipped to, modules: the modules the activation belonged to}. For those
+    modules the output is the raw value clipped so; for a module the activation followed from
+    outside (a functional relu), the raw value is its output."""
+    from onnx import numpy_helper
+
+    constants = {t.name: float(numpy_helper.to_array(t)) for t in original.graph.initializer if not t.dims}
+    constants.update({n.output[0]: float(numpy_helper.to_array(a.t)) for n in original.graph.node
+                      if n.op_type == "Constant" for a in n.attribute if a.name == "value" and not a.t.dims})
+    before = {name: node for node in original.graph.node for name in node.output}
+    after = {name: node for node in quantized.graph.node for name in node.output}
+    folded = {}
+    for name, node in before.items():
+        now = after.get(name)
+        if node.op_type not in ("Relu", "Clip") or now is None or now.op_type == node.op_type:
+            continue
+        low = 0.0 if node.op_type == "Relu" else constants.get(node.input[1] if len(node.input) > 1 else "", float("-inf"))
+        high = float("inf") if node.op_type == "Relu" else constants.get(node.input[2] if len(node.input) > 2 else "", float("inf"))
+        folded[name] = {"range": [low, high], "modules": module_paths(node)}
+    return folded
