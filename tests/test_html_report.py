@@ -123,3 +123,25 @@ def test_matrix_html_in_chromium_shows_every_cell_and_why(tmp_path):
     assert "onnxruntime 1.31.1 CPU" in text and "onnxruntime-web 1.30.0 wasm" in text
     assert "per-layer error vs eager (5 layers)" in text
     assert QUIET_LAYER in html and QUIET_LAYER not in text  # the per-layer table starts collapsed
+
+
+def test_a_cell_whose_job_died_is_listed_not_dropped(tmp_path):
+    """A native crash ends a joblib sweep: the matrix (python -m pipelines.matrix <dir>) still
+    lists every cell the sweep asked for, those without a report as failed, with where to look."""
+    import yaml
+
+    from pipelines.matrix import collect
+
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "digits_cnn"},
+        "hydra": {"sweeper": {"params": {"precision": "fp32,int8", "format": "onnx"}},
+                  "overrides": {"task": ["recipe=matrix"]}}}))
+    job = tmp_path / "digits_cnn_fp32_onnx"
+    job.mkdir()
+    (job / "report.json").write_text(json.dumps({"model": "digits_cnn", "precision": "fp32", "format": "onnx",
+                                                 "parts": [{"part": "classifier", "status": "pass"}]}))
+    rows = {(r["precision"], r["format"]): r for r in collect(tmp_path)}
+    assert set(rows) == {("fp32", "onnx"), ("int8", "onnx")}
+    died = rows["int8", "onnx"]
+    assert died["status"] == "fail" and "no report: the job died or never ran" in died["error"]
+    assert "digits_cnn_int8_onnx/run.log" in died["error"]
