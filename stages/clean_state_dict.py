@@ -17,7 +17,7 @@ from pipelines.registry import StageContext, stage
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from .support.model_builder import build_model
+    from .support.model_builder import expected_state
     from .support.state_dict_cleaning import CleanOptions, KeysDoNotFit, clean_state_dict
 
     loaded = ctx.input("load_checkpoint")
@@ -28,11 +28,10 @@ def run(ctx: StageContext) -> dict:
                             "re-export a scripted graph, so its weights need the architecture "
                             "they belong to",
                             fix="set model.arch._target_ (with its arguments) to the model's class")
-    expected = {k: (tuple(v.shape), v.dtype)
-                for k, v in build_model(ctx.cfg.model, loaded.result["config"]).state_dict().items()}
-    state = torch.load(loaded.dir / "state_dict.pt", map_location="cpu", weights_only=True)
+    expected = expected_state(ctx.cfg.model, loaded.result["config"])
+    state = torch.load(loaded.dir / "state_dict.pt", map_location="cpu", weights_only=True, mmap=True)
     ema_path = loaded.dir / "ema_state_dict.pt"
-    ema = torch.load(ema_path, map_location="cpu", weights_only=True) if ema_path.exists() else None
+    ema = torch.load(ema_path, map_location="cpu", weights_only=True, mmap=True) if ema_path.exists() else None
     options = CleanOptions(**{k: v for k, v in _plain(ctx.cfg.model.clean).items()})
     try:
         cleaned, report = clean_state_dict(state, expected, options, ema_state_dict=ema)

@@ -20,8 +20,10 @@ def run(ctx: StageContext) -> dict:
     file_bytes = sum(p.stat().st_size for p in files)
     compressor = zlib.compressobj(9)
     compressed = 0
-    for path in files:
-        compressed += len(compressor.compress(path.read_bytes()))
+    for path in files:  # in chunks: a 4 GB model is never read whole
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                compressed += len(compressor.compress(chunk))
     compressed += len(compressor.flush())
     parameters = ctx.input("wrap").result["parameters"]
     inspection = backend(ctx.cfg.format.name).inspect(artifact)

@@ -62,13 +62,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def calibration_batches(job: Job) -> list[dict[str, np.ndarray]]:
-    """The calibration inputs in order (streaming.carry adds a lifted state to them)."""
+def calibration_batches(job: Job, size: int = 16) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs in order, `size` examples a batch (streaming.carry adds a lifted
+    state to them)."""
     from ..support.tensors import batches
 
     with np.load(job.calibration) as data:
         examples = {name: data[name] for name in data.files}
-    return list(batches(examples, job.io["inputs"], 16))
+    return list(batches(examples, job.io["inputs"], size))
 
 
 def weight_summary(dtypes_bytes: dict[str, int], measured_on: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.errors import PipelineError, first_line
+from pipelines.memory import release
 
 from ..upstream.onnxruntime import (int8_weight_bits, unquantizable_average_pools, unquantizable_layer_norms,
                                    unsafe_optimizers)
@@ -65,7 +66,7 @@ def _export(job: Job, path: Path) -> None:
     except Exception as exc:
         raise lowering_failure("torch.onnx (dynamo) export", exc, program) from exc
     _name_dims(onnx_program.model, specs)
-    onnx_program.save(str(path), external_data=weight_bytes > job.fmt.external_data_threshold_mb * 2**20)
+    onnx_program.save(str(path), external_data=weight_bytes > STREAMED)  # streamed, never serialized whole
 
 
 def _name_dims(model, specs: list[dict[str, Any]]) -> None:
@@ -107,7 +108,7 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         def get_next(self):
             return next(self.batches, None)
 
-    feeds = calibration_batches(job)
+    feeds = calibration_batches(job, size=1)  # the same min/max, a batch's worth of memory less
     if any(s["input"] not in feeds[0] for s in job.io["state"]):  # a lifted state: each feed
         # holds the state the fp32 graph returned for the one before, as an app carries it
         from ..support.streaming import carry
@@ -121,13 +122,31 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method), **bits,
+                    use_external_data_format=_streamed(prepared),
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     _float_inputs_for_kept_layers(target, prepared, job)
     _record_folded_activations(target, prepared)
-    prepared.unlink()
+    _remove(prepared)
     return (f"ORT static QDQ int8, {method} calibration"
             + (", per-channel weights" if job.quantize.per_channel else "")
             + (", 7-bit weights (x86 without VNNI)" if bits["reduce_range"] else "") + _kept(job))
+
+
+STREAMED = 64 * 2**20  # graphs above this keep their weights in an external file between stages
+
+
+def _streamed(model_path: Path) -> bool:
+    """Whether a graph's weights are big enough to write to an external data file (so they are
+    streamed to disk, never serialized through memory a second time)."""
+    return _data_bytes(model_path) > STREAMED
+
+
+def _remove(model_path: Path) -> None:
+    """A scratch graph and its external data files."""
+    for path in model_path.parent.glob(model_path.name + "*"):
+        path.unlink()
+    for path in model_path.parent.glob("optimized.onnx*"):
+        path.unlink()
 
 
 def _float_nodes(model_path: Path, job: Job, int8: bool = True) -> list[str]:
@@ -186,22 +205,25 @@ def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
     prepared = _pre_processed(source, target.parent)
     quantize_dynamic(str(prepared), str(target), per_channel=job.quantize.per_channel,
                      nodes_to_exclude=_float_nodes(prepared, job), weight_type=QuantType.QInt8,
-                     **int8_weight_bits(job.target.isa))
-    prepared.unlink()
+                     use_external_data_format=_streamed(prepared), **int8_weight_bits(job.target.isa))
+    _remove(prepared)
     return "ORT dynamic int8 weights" + _kept(job)
 
 
 def _pre_processed(source: Path, workdir: Path) -> Path:
-    """ORT's recommended preparation: shape inference and graph clean-up before quantizing."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """What onnxruntime's quant_pre_process does (graph clean-up at ORT_ENABLE_BASIC, then ONNX
+    shape inference), file to file: its weights stream to an external data file and are never
+    held twice (quant_pre_process loads the whole model first and keeps it: 4x the weights)."""
     import onnx
 
-    prepared = workdir / "prepared.onnx"  # never beside source: that is convert's cache entry
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    model = onnx.load(str(prepared))
+    optimized, prepared = workdir / "optimized.onnx", workdir / "prepared.onnx"  # never beside
+    session(source, level="ORT_ENABLE_BASIC", optimized=optimized, external=True)  # convert's entry
+    model = onnx.load(str(optimized), load_external_data=False)
     del model.graph.value_info[:]  # stale shapes left by the exporter trip ORT's re-inference
-    _save(model, prepared)
+    onnx.save_model(model, str(optimized))
+    onnx.shape_inference.infer_shapes_path(str(optimized), str(prepared))
+    optimized.unlink()
+    release()  # the optimizing session's memory, before the quantizer loads the model again
     return prepared
 
 
@@ -245,17 +267,25 @@ def lower(job: Job) -> dict[str, Any]:
 
     source = job.source / GRAPH
     optimised = job.workdir / "optimised.onnx"
+    external = _streamed(source) and _data_bytes(source) > job.fmt.external_data_threshold_mb * 2**20
     if job.fmt.optimize:
-        session(source, level="ORT_ENABLE_BASIC", optimized=optimised)
+        session(source, level="ORT_ENABLE_BASIC", optimized=optimised, external=external)
+        release()
     else:
-        link_or_copy(source, optimised)
-    model = onnx.load(str(optimised))
-    optimised.unlink()
+        for path in job.source.glob(GRAPH + "*"):
+            link_or_copy(path, job.workdir / path.name.replace(GRAPH, optimised.name))
+    artifact = job.workdir / f"model{SUFFIX}"
+    model = onnx.load(str(optimised), load_external_data=not external)  # a big one's weights stay on disk
     _strip_debug_info(model.graph)
     for key, value in (("precision", job.precision), ("io", json.dumps(job.io))):
         model.metadata_props.add(key=key, value=value)
-    artifact = job.workdir / f"model{SUFFIX}"
-    _save(model, artifact)
+    if external:  # the weights file moves beside the artifact under its name; only the graph is written
+        _relocate(model, optimised.name + ".data", artifact.name + ".data")
+        (job.workdir / (optimised.name + ".data")).rename(job.workdir / (artifact.name + ".data"))
+        onnx.save_model(model, str(artifact))
+    else:
+        _save(model, artifact)
+    optimised.unlink()
     try:
         onnx.checker.check_model(str(artifact), full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -270,6 +300,19 @@ def lower(job: Job) -> dict[str, Any]:
     if uses_custom_ops(model):
         result.setdefault("session", {})["register"] = "onnxruntime-extensions (get_library_path())"
     return result
+
+
+def _data_bytes(model_path: Path) -> int:
+    """A graph's bytes with its external data files."""
+    return sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
+
+
+def _relocate(model, old: str, new: str) -> None:
+    """Point the graph's external tensors at a renamed data file."""
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
 
 
 def _strip_debug_info(graph) -> None:
@@ -299,13 +342,13 @@ def runtime(as_written: bool = False) -> str:
 
 
 def session(model, threads: int | None = None, as_written: bool = False, level: str | None = None,
-            optimized: Path | None = None):
+            optimized: Path | None = None, external: bool = False):
     """Every onnxruntime session here: onnxruntime-extensions registered only when the graph uses
     its ops, the optimizers that crash on the graph switched off (stages/upstream/onnxruntime.py:
     io.json tells an app both), `threads` fixed, `as_written` without fused int8 kernels (the
     numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
-    `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph.
-    `model`: a path or a ModelProto."""
+    `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph (its
+    weights to <optimized>.data when `external`). `model`: a path or a ModelProto."""
     import onnx
     import onnxruntime as ort
 
@@ -321,6 +364,11 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if optimized:
         options.optimized_model_filepath = str(optimized)
+    if optimized and external:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
     if uses_custom_ops(proto):
         from onnxruntime_extensions import get_library_path
 
@@ -390,15 +438,15 @@ def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarra
 def inspect(artifact: Path) -> dict[str, Any]:
     """Weights by dtype (initializers and constants) and the quantization ops in the graph."""
     import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(str(artifact))
+    model = onnx.load(str(artifact), load_external_data=False)  # sizes come from dims, not data
     by_dtype: Counter[str] = Counter()
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for tensor in tensors:
-        array = numpy_helper.to_array(tensor, base_dir=str(artifact.parent))
-        by_dtype[str(array.dtype)] += array.nbytes
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        by_dtype[str(dtype)] += count * (dtype.itemsize if dtype.kind != "O" else 1)
     ops = Counter(n.op_type for n in model.graph.node)
     return {**weight_summary(dict(by_dtype), "the .onnx file's initializers and constants"),
             "graph_nodes": sum(ops.values()),

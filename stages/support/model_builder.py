@@ -100,10 +100,38 @@ def load_part(model_cfg: Mapping[str, Any], part: Mapping[str, Any], weights: Pa
     or a saved ExportedProgram (.pt2) as it is."""
     if weights.suffix == ".pt2":
         return PartModule(_program_module(weights, part), part)  # an exported module has no train()
+    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    return PartModule(with_weights(model_cfg, checkpoint_config, state, strict), part).eval()
+
+
+def with_weights(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, Any] | None,
+                 state: Mapping[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """The architecture holding the state dict's own tensors (memory-mapped from its file): built
+    on the meta device, so no random initialisation allocates a second copy of the weights, then
+    assigned. A model whose constructor computes with tensors, or makes ones the state dict does
+    not hold (non-persistent buffers), is built for real first."""
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg, checkpoint_config)
+        model.load_state_dict(state, strict=strict, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
+    except PipelineError:  # the constructor cannot run on meta tensors: build it for real below
+        pass
     model = build_model(model_cfg, checkpoint_config)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=strict)
-    return PartModule(model, part).eval()
+    model.load_state_dict(state, strict=strict, assign=True)
+    return model
+
+
+def expected_state(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, Any] | None
+                   ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The architecture's state dict keys with their shapes and dtypes, built without weights."""
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg, checkpoint_config)
+    except PipelineError:
+        model = build_model(model_cfg, checkpoint_config)
+    return {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
 
 
 def _program_module(path: Path, part: Mapping[str, Any]) -> nn.Module:
