@@ -17,7 +17,7 @@ from pipelines.versions import host_isa
 
 from .support.fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
 from .formats import Job, backend
-from .support.tensors import as_examples, batch_count, batches, dataset_files, synthetic_examples
+from .support.tensors import as_examples, batch_axes, batch_count, batches, dataset_files, synthetic_examples
 
 
 def _reads(view) -> list[str]:
@@ -56,9 +56,7 @@ def run(ctx: StageContext) -> dict:
         report, cases = _raw_report(ctx, io, step, artifact, lower.dir)
     elif not eager_io["internal_state"]:
         report, first = _held_out_report(ctx, io, step, artifact)
-        feeds = [{name: array[i:i + 1] for name, array in first[0].items()}
-                 for i in range(min(TEST_CASES, len(next(iter(first[0].values())))))]
-        cases = [(feed, step(feed)) for feed in feeds]
+        cases = [(feed, step(feed)) for feed in _single_calls(first[0], io["inputs"])[:TEST_CASES]]
     else:
         report = {}
     if cases:  # the artifact carries a few held-out cases and its own outputs for them
@@ -189,6 +187,15 @@ def _held_out_report(ctx: StageContext, io, eager, artifact) -> tuple[dict[str, 
               **judge(expected, actual, io["outputs"], class_scores(ctx.cfg.part, io), labels)}
     save_held_out(ctx.workdir / HELD_OUT, examples, io["outputs"], expected, labels)
     return report, (next(batches(examples, specs, size)), actual[0])
+
+
+def _single_calls(batch: dict[str, np.ndarray], specs) -> list[dict[str, np.ndarray]]:
+    """A batch split into one-example calls along each input's batch axis (an LSTM state's is 1)."""
+    axes = batch_axes(specs)
+    if axes is None:  # batches(...) went one example at a time
+        return [batch]
+    count = next(iter(batch.values())).shape[axes[next(iter(batch))]]
+    return [{name: np.take(array, [i], axis=axes[name]) for name, array in batch.items()} for i in range(count)]
 
 
 def _resetter(module, io):

@@ -3,6 +3,7 @@ with native onnxruntime. Tests that need the browser skip, naming the reason, wh
 available() says it is missing (install: web/install.sh)."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,14 @@ def test_external_data_loads_with_two_threads(tmp_path, browser):
         assert session.info["threads"] == 2 and session.info["cross_origin_isolated"]
     for got, want in zip(web, _native(model, feed)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_closing_leaves_nothing_in_tmp(tmp_path, browser):
+    """Chromium's singleton-socket directory is removed with the profile (a sweep opens many)."""
+    before = set(Path(tempfile.gettempdir()).glob("org.chromium.Chromium.*"))
+    with WebSession(_model(tmp_path / "m.onnx")) as session:
+        session.run(_feed())
+    assert set(Path(tempfile.gettempdir()).glob("org.chromium.Chromium.*")) <= before
 
 
 def test_every_dtype_round_trips(tmp_path, browser):

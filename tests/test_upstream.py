@@ -414,3 +414,56 @@ def test_a_gru_program_keeps_its_dynamic_batch(tmp_path):
     assert method.metadata.input_tensor_meta(0).sizes()[0] == 1024
     x = torch.randn(5, 4, 8)
     assert (method.execute([x])[0] - module(x).detach()).abs().max() < 1e-5
+
+
+# 9. onnxruntime: an optimized graph written with external initializers loses node metadata ----
+
+def _scoped_onnx(tmp: Path) -> Path:
+    """A two-layer MLP exported by torch.onnx, its nodes carrying their module paths."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(x)))
+
+    from stages.support.model_builder import PartModule
+
+    path = tmp / "mlp.onnx"
+    part = PartModule(MLP().eval(), {"name": "p", "inputs": [spec("x", [2, 8])]})
+    torch.onnx.export(part, (torch.randn(2, 8),), str(path), dynamo=True)
+    return path
+
+
+def _optimized_scopes(source: Path, target: Path, external: bool) -> list[str]:
+    import onnx
+    import onnxruntime as ort
+
+    from stages.formats.onnx_graph import module_paths
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    if external:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         target.name + ".data")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return [path for node in onnx.load(str(target), load_external_data=False).graph.node
+            for path in module_paths(node)]
+
+
+def test_ort_still_drops_node_metadata_when_writing_external_initializers(tmp_path):
+    source = _scoped_onnx(tmp_path)
+    assert {"fc", "head"} <= set(_optimized_scopes(source, tmp_path / "inline.onnx", external=False))
+    assert _optimized_scopes(source, tmp_path / "external.onnx", external=True) == []
+
+
+def test_graphs_prepared_for_quantization_keep_their_module_paths(tmp_path):
+    import onnx
+
+    from stages.formats.onnx import _pre_processed
+    from stages.formats.onnx_graph import module_outputs
+
+    prepared = _pre_processed(_scoped_onnx(tmp_path), tmp_path)
+    assert list(module_outputs(onnx.load(str(prepared), load_external_data=False))) == ["fc", "head"]

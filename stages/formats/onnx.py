@@ -13,8 +13,8 @@ import numpy as np
 from pipelines.errors import PipelineError, first_line
 from pipelines.memory import release
 
-from ..upstream.onnxruntime import (int8_weight_bits, unquantizable_average_pools, unquantizable_layer_norms,
-                                   unsafe_optimizers)
+from ..upstream.onnxruntime import (int8_weight_bits, restore_node_metadata, unquantizable_average_pools,
+                                   unquantizable_layer_norms, unsafe_optimizers)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 
 SUFFIX = ".onnx"
@@ -101,14 +101,10 @@ def _to_float16(source: Path, target: Path, job: Job) -> str:
 def _quantize_static(source: Path, target: Path, job: Job) -> str:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
-    class Reader(CalibrationDataReader):
-        def __init__(self, batches):
-            self.batches = iter(batches)
 
-        def get_next(self):
-            return next(self.batches, None)
+    from .onnx_ranges import save_minmax_ranges
 
-    feeds = calibration_batches(job, size=1)  # the same min/max, a batch's worth of memory less
+    feeds = calibration_batches(job, size=1)  # the same ranges, a batch's worth of memory less
     if any(s["input"] not in feeds[0] for s in job.io["state"]):  # a lifted state: each feed
         # holds the state the fp32 graph returned for the one before, as an app carries it
         from ..support.streaming import carry
@@ -116,8 +112,21 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
         feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
     prepared = _pre_processed(source, target.parent)
     method = job.quantize.calibrate_method
+    if method == "MinMax":  # ORT's ranges without ORT's calibrator's memory (onnx_ranges.py)
+        ranges, reader = target.parent / RANGES, None
+        save_minmax_ranges(prepared, feeds, ranges)
+        release()
+    else:  # histograms: ORT's calibrator, which holds the model and every output (README: Memory)
+        class Reader(CalibrationDataReader):
+            def __init__(self, batches):
+                self.batches = iter(batches)
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        ranges, reader = None, Reader(feeds)
     bits = int8_weight_bits(job.target.isa)
-    quantize_static(str(prepared), str(target), Reader(feeds),
+    quantize_static(str(prepared), str(target), reader, calibration_cache_path=ranges,
                     nodes_to_exclude=_float_nodes(prepared, job),
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -130,6 +139,9 @@ def _quantize_static(source: Path, target: Path, job: Job) -> str:
     return (f"ORT static QDQ int8, {method} calibration"
             + (", per-channel weights" if job.quantize.per_channel else "")
             + (", 7-bit weights (x86 without VNNI)" if bits["reduce_range"] else "") + _kept(job))
+
+
+RANGES = "calibration_ranges.json"  # the activation ranges the quantizer used (ORT's cache format)
 
 
 STREAMED = 64 * 2**20  # graphs above this keep their weights in an external file between stages
@@ -220,6 +232,7 @@ def _pre_processed(source: Path, workdir: Path) -> Path:
     session(source, level="ORT_ENABLE_BASIC", optimized=optimized, external=True)  # convert's entry
     model = onnx.load(str(optimized), load_external_data=False)
     del model.graph.value_info[:]  # stale shapes left by the exporter trip ORT's re-inference
+    restore_node_metadata(onnx.load(str(source), load_external_data=False), model)
     onnx.save_model(model, str(optimized))
     onnx.shape_inference.infer_shapes_path(str(optimized), str(prepared))
     optimized.unlink()
@@ -342,13 +355,14 @@ def runtime(as_written: bool = False) -> str:
 
 
 def session(model, threads: int | None = None, as_written: bool = False, level: str | None = None,
-            optimized: Path | None = None, external: bool = False):
+            optimized: Path | None = None, external: bool = False, lean: bool = False):
     """Every onnxruntime session here: onnxruntime-extensions registered only when the graph uses
     its ops, the optimizers that crash on the graph switched off (stages/upstream/onnxruntime.py:
     io.json tells an app both), `threads` fixed, `as_written` without fused int8 kernels (the
     numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
     `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph (its
-    weights to <optimized>.data when `external`). `model`: a path or a ModelProto."""
+    weights to <optimized>.data when `external`), `lean` without pre-packed weight copies or a
+    memory arena (for big graphs run a few times). `model`: a path or a ModelProto."""
     import onnx
     import onnxruntime as ort
 
@@ -360,6 +374,9 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if as_written:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if lean:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
     if level:
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if optimized:

@@ -290,6 +290,9 @@ class Chromium:
             os.killpg(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         os.close(self._to)
+        with contextlib.suppress(OSError):  # its singleton socket's directory in $TMPDIR, which
+            # only an orderly exit removes (the profile's SingletonSocket links to it)
+            shutil.rmtree(Path(os.readlink(self.log.with_name("SingletonSocket"))).parent)
 
 
 # --- the session -------------------------------------------------------------------------------

@@ -58,3 +58,21 @@ def unquantizable_average_pools(model) -> list[str]:
     ceil_mode=True) on a 2x2 map: max abs 0.77 against 0.003 unfused). Left in float."""
     return [node.name for node in model.graph.node if node.op_type == "AveragePool"
             and any(a.name == "ceil_mode" and a.i == 1 for a in node.attribute)]
+
+
+def restore_node_metadata(source, optimized) -> int:
+    """Copy each node's metadata_props from the graph a session optimized to the graph it wrote,
+    by node name; returns how many nodes got theirs back.
+
+    onnxruntime 1.31.1 writes an optimized graph whose initializers go to an external file
+    (`session.optimized_model_external_initializers_file_name`) through
+    Graph::ToGraphProtoWithExternalInitializers, which drops every node's metadata_props; the
+    in-memory path keeps them. The exporter's module paths live there, and quantize.keep_float
+    and the diagnosis need them on big graphs as on small ones."""
+    kept = {node.name: node.metadata_props for node in source.graph.node if node.name and node.metadata_props}
+    restored = 0
+    for node in optimized.graph.node:
+        if not node.metadata_props and node.name in kept:
+            node.metadata_props.extend(kept[node.name])
+            restored += 1
+    return restored
