@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup web-runtime corpus-deps demo web matrix bench corpus test test-all check-artifact \
+.PHONY: help setup web-runtime corpus-deps demo web matrix bench scale corpus test test-all check-artifact \
         cache-list cache-prune clean
 
 help:  ## list the targets
@@ -44,16 +44,21 @@ matrix: $(STAMP) web-runtime  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, on
 bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
 	$(PY) -m pipelines.bench
 
+scale: $(STAMP) web-runtime  ## time, peak memory per stage and disk at 1M/10M/100M parameters (BIG=1 adds 1B)
+	$(PY) -m pipelines.scale $(if $(BIG),--with-1b)
+
 CORPUS_SWEEP := outputs/multirun/corpus/$(shell date +%Y-%m-%d_%H-%M-%S)
 corpus: $(CORPUS_STAMP)  ## 14 real architectures x the six cells, the cell table (slow: about 40 min)
 	$(PY) run.py -m recipe=corpus 'hydra.searchpath=[file://$(CURDIR)/corpus/conf]' \
 	    hydra.sweep.dir=$(CORPUS_SWEEP) || $(PY) -m pipelines.matrix $(CORPUS_SWEEP)
 
+PARALLEL := -n auto --maxprocesses=4 --dist loadfile  # a file's tests share one worker (module fixtures)
+
 test: $(STAMP) web-runtime  ## the test suite (CI runs this)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL) --durations=10
 
 test-all: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q $(PARALLEL) -m "slow or not slow"
 
 check-artifact: $(STAMP)  ## re-run the test cases an artifact carries: make check-artifact ARTIFACT=path
 	$(PY) -m pipelines.check_artifact $(ARTIFACT)

@@ -6,9 +6,11 @@ before a stage, read after it, and the figure is that stage's peak, not the proc
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-STATUS, CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+STATUS, CLEAR, MEMINFO = Path("/proc/self/status"), Path("/proc/self/clear_refs"), Path("/proc/meminfo")
+PER_WEIGHT_BYTE, FIXED_MB = 3, 512  # a stage's peak: at most 3x the fp32 weights + the libraries
 
 
 def reset_peak() -> None:
@@ -40,3 +42,35 @@ def release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def job_estimate_mb(checkpoint: str | os.PathLike) -> int:
+    """What one pipeline job needs at its peak: 3x the checkpoint's bytes (the fp32 weights) plus
+    a fixed 0.5 GB; the fixed part alone for a checkpoint not made yet."""
+    path = Path(checkpoint)
+    weights = path.stat().st_size if path.is_file() else 0
+    return PER_WEIGHT_BYTE * weights // 2**20 + FIXED_MB
+
+
+def available_mb() -> int | None:
+    """Memory the kernel can give without swapping (MemAvailable), in MiB; None where unknown."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def sweep_jobs(checkpoint: str | os.PathLike) -> int:
+    """How many sweep jobs run at once: as many as the cores, but no more than fit in free memory
+    by job_estimate_mb (one at a time when even one barely fits: it gets the whole machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = available_mb()
+    return cores if free is None else max(1, min(cores, free // job_estimate_mb(checkpoint)))
+
+
+def job_memory_gb(checkpoint: str | os.PathLike) -> int:
+    """A cluster job's memory request: the estimate rounded up to whole GB, with 25% headroom."""
+    return -(-job_estimate_mb(checkpoint) * 5 // 4 // 1024)

@@ -326,11 +326,17 @@ class RootConfig:
 
 
 def register() -> None:
-    """Register the schema so conf/config.yaml can name it in its defaults, and the resolver
-    that names a raw-input cell's sweep directory (`..._int8_onnx_raw`)."""
+    """Register the schema so conf/config.yaml can name it in its defaults, the resolver that
+    names a raw-input cell's sweep directory (`..._int8_onnx_raw`), and those that size sweep
+    jobs by memory (`sweep_jobs`: parallel joblib jobs; `job_memory_gb`: a Slurm job's request)."""
     from omegaconf import OmegaConf
+
+    from .memory import job_memory_gb, sweep_jobs
 
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RootConfig)
     if not OmegaConf.has_resolver("cell_suffix"):
         OmegaConf.register_new_resolver("cell_suffix", lambda choice: "" if choice in (None, "none") else f"_{choice}")
+    for name, resolver in (("sweep_jobs", sweep_jobs), ("job_memory_gb", job_memory_gb)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -355,14 +355,13 @@ def runtime(as_written: bool = False) -> str:
 
 
 def session(model, threads: int | None = None, as_written: bool = False, level: str | None = None,
-            optimized: Path | None = None, external: bool = False, lean: bool = False):
+            optimized: Path | None = None, external: bool = False):
     """Every onnxruntime session here: onnxruntime-extensions registered only when the graph uses
     its ops, the optimizers that crash on the graph switched off (stages/upstream/onnxruntime.py:
     io.json tells an app both), `threads` fixed, `as_written` without fused int8 kernels (the
     numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
     `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph (its
-    weights to <optimized>.data when `external`), `lean` without pre-packed weight copies or a
-    memory arena (for big graphs run a few times). `model`: a path or a ModelProto."""
+    weights to <optimized>.data when `external`). `model`: a path or a ModelProto."""
     import onnx
     import onnxruntime as ort
 
@@ -374,9 +373,6 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if as_written:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if lean:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.enable_cpu_mem_arena = False
     if level:
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if optimized:
