@@ -263,7 +263,7 @@ class Cache:
             raise
 
     def _no_space(self, stage: str | None = None) -> PipelineError:
-        free = human_size(shutil.disk_usage(self.root).free)
+        free = human_bytes(shutil.disk_usage(self.root).free)
         return PipelineError(f"no space left on the device for the cache in {self.root} ({free} "
                              f"free): free some (python -m pipelines.cache prune) or set cache.dir "
                              f"to a larger disk", stage=stage)
@@ -427,7 +427,10 @@ def parse_age(text: str) -> float:
     return float(match[1]) * SECONDS[match[2]]
 
 
-def human_size(size: float) -> str:
+def human_bytes(size: float | None) -> str:
+    """1536 -> '1.5 KiB'; None (not measured) -> '-'."""
+    if size is None:
+        return "-"
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     while size >= 1024 and len(units) > 1:
         size /= 1024
@@ -448,18 +451,18 @@ def list_entries(cache: Cache, each: bool) -> list[str]:
     if each:
         lines.append(f"{'key':<12}  {'stage':<17} {'size':>10}  {'age':>5}  {'idle':>5}"
                      "  (least recently used first)")
-        lines += [f"{e.key[:12]}  {e.stage:<17} {human_size(e.size):>10}  "
+        lines += [f"{e.key[:12]}  {e.stage:<17} {human_bytes(e.size):>10}  "
                   f"{human_age(now - e.sealed):>5}  {human_age(now - e.used):>5}" for e in entries]
     by_stage: dict[str, list[Stored]] = {}
     for entry in entries:
         by_stage.setdefault(entry.stage, []).append(entry)
     lines.append(f"{'stage':<17} {'entries':>7} {'size':>10}")
-    lines += [f"{stage:<17} {len(group):>7} {human_size(sum(e.size for e in group)):>10}"
+    lines += [f"{stage:<17} {len(group):>7} {human_bytes(sum(e.size for e in group)):>10}"
               for stage, group in sorted(by_stage.items())]
     unique = {inode: size for e in entries for inode, size in e.inodes.items()}
     shared = sum(e.size for e in entries) - sum(unique.values())
-    note = f"  ({human_size(shared)} hard-linked between entries, counted once)" if shared else ""
-    lines.append(f"{'total':<17} {len(entries):>7} {human_size(sum(unique.values())):>10}{note}")
+    note = f"  ({human_bytes(shared)} hard-linked between entries, counted once)" if shared else ""
+    lines.append(f"{'total':<17} {len(entries):>7} {human_bytes(sum(unique.values())):>10}{note}")
     return lines
 
 
@@ -493,9 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     victims, kept = cache.prune(args.older_than, args.max_size, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for entry in victims:
-        print(f"{verb} {entry.key[:12]}  {entry.stage:<17} {human_size(entry.size):>10}  "
+        print(f"{verb} {entry.key[:12]}  {entry.stage:<17} {human_bytes(entry.size):>10}  "
               f"unused for {human_age(time.time() - entry.used)}")
-    print(f"{verb} {len(victims)} entries ({human_size(sum(e.size for e in victims))}); "
+    print(f"{verb} {len(victims)} entries ({human_bytes(sum(e.size for e in victims))}); "
           f"kept {kept} in use by running jobs")
     return 0
 

@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .report import human_bytes
+from .cache import human_bytes
 
 COLOURS = {"pass": "#1a7f37", "mixed": "#9a8700", "fallback": "#d46b08", "fail": "#cf222e",
            "skipped": "#8c959f"}

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from . import logs
 from .html_report import plots, write_html
-from .report import human_bytes, latency_cells, table, target_cell
+from .cache import human_bytes
+from .report import latency_cells, table, target_cell
 
 COLUMNS = ["cell", "status", "size", "vs fp32", "zlib", "max abs", "cosine", "accuracy",
            "p50 ms", "vs eager", "target runtime", "seconds"]

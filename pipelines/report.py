@@ -6,19 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cache import human_bytes
 from .runner import PartRun
 from .versions import git_commit, host_cpu, library_versions, sha256_file
-
-SIZE_UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
-
-
-def human_bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    for scale, unit in SIZE_UNITS:
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"
 
 
 def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:

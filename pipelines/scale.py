@@ -21,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 from .memory import FIXED_MB, PER_WEIGHT_BYTE
-from .report import human_bytes, table
+from .cache import human_bytes
+from .report import table
 
 SIZES = {  # name -> (width, hidden, blocks)
     "1M": (128, 512, 8), "10M": (256, 1024, 20), "100M": (512, 2048, 48), "1B": (2048, 8192, 30)}
@@ -31,7 +32,7 @@ BIG_CELLS = {"onnx": ["precision=fp32,int8", "format=onnx"], "pte": ["precision=
 
 def model_args(size: str) -> list[str]:
     width, hidden, blocks = SIZES[size]
-    return ["model=scale", f"model.arch.width={width}", f"model.arch.hidden={hidden}", f"model.arch.blocks={blocks}"]
+    return ["model=scale", "calibration=synthetic", f"model.arch.width={width}", f"model.arch.hidden={hidden}", f"model.arch.blocks={blocks}"]
 
 
 def timed(args: list[str], log: Path) -> float:

@@ -93,3 +93,18 @@ def test_an_activation_the_quantizer_folds_is_not_taken_for_lost_precision(run_t
     run = run_tiny("precision=int8", SYNTHETIC, "verify.diagnose=always", model="tiny_block", checkpoint=path)
     layers = {layer["module"]: layer for layer in run.result("verify")["diagnosis"]["layers"]}
     assert layers["stem"]["error"] < 0.05 and layers["stem.conv"]["error"] < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+def test_a_conv_kept_float_leaves_the_activation_that_shared_its_scale_quantized(run_tiny, tmp_path, fmt):
+    """XNNPACKQuantizer's ReLU6 shares its conv's output observer: keeping the conv float must
+    give the ReLU6 one of its own, not a reference to nothing (torchao's KeyError: conv2d)."""
+    from tests.tiny import BlockNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.pt"
+    torch.save(BlockNet().state_dict(), path)
+    run = run_tiny(f"format={fmt}", "precision=int8", SYNTHETIC, "quantize.keep_float=[stem.conv]",
+                   model="tiny_block", checkpoint=path)
+    assert run.status == "pass" and run.float_layers == ["stem.conv"], run.error
+    assert "kept float: stem.conv" in run.result("quantize")["method"]

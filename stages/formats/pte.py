@@ -82,12 +82,43 @@ class _Guarded(Quantizer):
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = self.inner.annotate(model)
         kept = {node for node in model.graph.nodes if within(node, self.keep)}
-        for node in state_nodes(model.graph, self.io) | kept:
-            node.meta.pop("quantization_annotation", None)
+        removed = {node: node.meta.pop(ANNOTATION) for node in state_nodes(model.graph, self.io) | kept
+                   if ANNOTATION in node.meta}
+        _unshare_from(removed, model.graph)
         return model
 
     def validate(self, model: torch.fx.GraphModule) -> None:
         self.inner.validate(model)
+
+
+ANNOTATION = "quantization_annotation"
+
+
+def _unshare_from(removed: dict, graph: torch.fx.Graph) -> None:
+    """Annotations that share an observer with a node whose annotation was removed (a ReLU6
+    sharing its conv's output scale) get the spec that observer had: a SharedQuantizationSpec
+    pointing at an unannotated node fails prepare_pt2e with `KeyError: <node>`."""
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    def annotation(node):
+        return removed.get(node) or node.meta.get(ANNOTATION)
+
+    def resolved(qspec):
+        while isinstance(qspec, SharedQuantizationSpec):
+            target = qspec.edge_or_node
+            node = target if isinstance(target, torch.fx.Node) else target[1]
+            if node not in removed:
+                return qspec  # still shares with an annotated node: fine as it is
+            found = annotation(node)
+            qspec = found.output_qspec if target is node else found.input_qspec_map.get(target[0])
+        return qspec
+
+    for node in graph.nodes:
+        found = node.meta.get(ANNOTATION)
+        if found is None:
+            continue
+        found.output_qspec = resolved(found.output_qspec)
+        found.input_qspec_map = {arg: resolved(spec) for arg, spec in found.input_qspec_map.items()}
 
 
 def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list,
