@@ -10,6 +10,7 @@ the cache is known by the digest its entry recorded when it was sealed.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,15 @@ from pathlib import Path
 from .versions import sha256_file
 
 SETTLED_NS = 2 * 10**9
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A file passed on (into a run's artifacts, to the next stage) without duplicating its bytes
+    where the filesystem allows a hard link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class Digests:

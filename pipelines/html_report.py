@@ -8,6 +8,7 @@ it is what it is (note, warnings, layer diagnosis, layers kept float, where each
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -182,6 +183,34 @@ def _host(rows: list[dict[str, Any]]) -> str:
 def _data_uri(path: Path) -> str:
     kind = "image/svg+xml" if path.suffix == ".svg" else "image/png"
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+PLOTTED = ("model", "part", "precision", "format", "status", "file_bytes", "max_abs", "latency_p50_ms",
+           "eager_p50_ms")
+
+
+def cached_plots(rows: list[dict[str, Any]], sweep_dir: Path, cache_dir: Path | None) -> dict[str, Path]:
+    """plots(), drawn once per content: an entry of the stage cache (stage `matrix_plots`) keyed
+    by what the plots show and this module's code, linked into the sweep dir; a warm sweep does
+    not draw (matplotlib costs a second). Without a cache dir, drawn every time."""
+    from .cache import Cache, compute_key
+    from .digests import link_or_copy
+
+    if cache_dir is None:
+        return plots(rows, sweep_dir)
+    cache = Cache(Path(cache_dir))
+    key = compute_key({"stage": "matrix_plots", "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                       "points": [[r.get(field) for field in PLOTTED] for r in rows]})
+    entry = cache.lookup(key)
+    if entry is None:
+        with cache.lock(key), cache.building("matrix_plots") as tmp:
+            titles = {title: path.name for title, path in plots(rows, tmp / "files").items()}
+            entry = cache.commit(key, tmp, {"stage": "matrix_plots", "result": titles})
+    out = {}
+    for title, name in entry.result.items():
+        link_or_copy(entry.files / name, Path(sweep_dir) / name)
+        out[title] = Path(sweep_dir) / name
+    return out
 
 
 def plots(rows: list[dict[str, Any]], sweep_dir: Path) -> dict[str, Path]:

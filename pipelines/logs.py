@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 _console: TextIO | None = None
 _log_fd: int | None = None
+_file_handler: logging.StreamHandler | None = None
 
 
 def console() -> TextIO:
@@ -24,7 +25,7 @@ def console() -> TextIO:
 
 def setup(log_file: Path) -> logging.Logger:
     """Console handler for the pipeline's own messages; everything else to log_file."""
-    global _console, _log_fd
+    global _console, _log_fd, _file_handler
     if _console is None:
         _console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     if _log_fd is not None:
@@ -35,9 +36,11 @@ def setup(log_file: Path) -> logging.Logger:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    file_handler = logging.StreamHandler(os.fdopen(os.dup(_log_fd), "a", buffering=1))
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file_handler)
+        if handler is _file_handler:  # a sweep worker's previous job's log: its file is closed
+            handler.stream.close()
+    _file_handler = logging.StreamHandler(os.fdopen(os.dup(_log_fd), "a", buffering=1))
+    _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(_file_handler)
     root.setLevel(logging.INFO)
 
     ours = logging.getLogger(LOGGER_NAME)

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import logs
-from .html_report import plots, write_html
+from .html_report import cached_plots, write_html
 from .cache import human_bytes
 from .report import latency_cells, table, target_cell
 
@@ -26,18 +26,19 @@ COLUMNS = ["cell", "status", "size", "vs fp32", "zlib", "max abs", "cosine", "ac
 
 class MatrixReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not report(Path(config.hydra.sweep.dir)):
+        cache = config.cache.dir if config.cache.enabled else None
+        if not report(Path(config.hydra.sweep.dir), cache):
             sys.exit(1)
 
 
-def report(sweep_dir: Path) -> bool:
+def report(sweep_dir: Path, cache_dir: str | None = None) -> bool:
     """Write and print the sweep's matrix; whether every cell passed (or was repaired). Also
     `python -m pipelines.matrix <sweep dir>` after a sweep a native crash ended: cells with no
-    report are listed as such."""
+    report are listed as such. Its plots are cached in cache_dir when one is given."""
     rows = collect(sweep_dir)
     if not rows:
         return True
-    write(rows, sweep_dir)
+    write(rows, sweep_dir, cache_dir)
     logs.console().write(f"\n{render(rows)}\n\nmatrix: {sweep_dir}/matrix.html (and .md, .csv, .json)\n")
     return not any(row["status"] == "fail" for row in rows)
 
@@ -169,7 +170,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join([table(cells(rows), COLUMNS), *(f"  {cell}: {text}" for cell, text in notes(rows))])
 
 
-def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+def write(rows: list[dict[str, Any]], sweep_dir: Path, cache_dir: str | None = None) -> None:
     (sweep_dir / "matrix.json").write_text(json.dumps(rows, indent=1))
     with open(sweep_dir / "matrix.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -179,7 +180,7 @@ def write(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     md += ["| " + " | ".join(c) + " |" for c in cells(rows)]
     md += [""] + [f"- **{cell}**: {text}" for cell, text in notes(rows)]
     (sweep_dir / "matrix.md").write_text("\n".join(md) + "\n")
-    write_html(rows, sweep_dir, plots(rows, sweep_dir))
+    write_html(rows, sweep_dir, cached_plots(rows, sweep_dir, cache_dir))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ class Runner:
                         digests: dict[str, str] | None = None) -> dict[str, str]:
         """Its artifacts into the run's artifacts/<part>/, hard-linked where the filesystem allows
         (a 4 GB model costs nothing to place); returns the digests its entry sealed for them."""
-        from stages.formats import link_or_copy
+        from .digests import link_or_copy
 
         target, placed = self.run_dir / "artifacts" / part, {}
         for pattern in stage.artifacts:
