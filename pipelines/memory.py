@@ -20,6 +20,13 @@ def reset_peak() -> None:
         pass
 
 
+def new_peak() -> None:
+    """Before a stage computes: what earlier stages freed given back, the high-water mark reset,
+    so peak_mb() afterwards is this stage's own (a cache hit skips both: it computes nothing)."""
+    release()
+    reset_peak()
+
+
 def peak_mb() -> float | None:
     """The resident high-water mark since the last reset, in MiB (None where unknown)."""
     try:

@@ -148,19 +148,18 @@ class Runner:
         key = compute_key(material)
         inputs = {need: run.outputs[need] for need in needs}
         started = time.monotonic()
-        memory.release()
-        memory.reset_peak()
         output, hit = self._cached_call(stage, key, material, view, inputs, run.part)
         seconds = time.monotonic() - started
         run.outputs[stage.name] = output
         run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
-                                       material["files"], memory.peak_mb()))
+                                       material["files"], None if hit else memory.peak_mb()))
         run.artifact_digests.update(self._copy_artifacts(stage, output.dir, run.part, output.digests))
         self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
                       output.result.get("summary", ""))
 
     def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool]:
         if self.cache is None:
+            memory.new_peak()
             workdir = self.run_dir / "work" / part / stage.name
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
@@ -174,6 +173,7 @@ class Runner:
             if entry is not None:
                 return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True
             with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
+                memory.new_peak()
                 started = time.monotonic()
                 result = self._call(stage, view, inputs, tmp / "files", part)
                 meta = {"stage": stage.name, "material": material, "result": result,

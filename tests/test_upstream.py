@@ -8,6 +8,7 @@ machine's CPU: the x86 int8 case is shown on the artifact's own integers.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -467,3 +468,57 @@ def test_graphs_prepared_for_quantization_keep_their_module_paths(tmp_path):
 
     prepared = _pre_processed(_scoped_onnx(tmp_path), tmp_path)
     assert list(module_outputs(onnx.load(str(prepared), load_external_data=False))) == ["fc", "head"]
+
+
+# 10. onnx: its loader refuses an external data file with more than one hard link --------------
+
+def _external_mlp(tmp: Path) -> tuple[Path, np.ndarray]:
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    weight = np.arange(64, dtype=np.float32).reshape(8, 8)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mlp",
+                              [helper.make_tensor_value_info("x", T.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    path = tmp / "graph.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True,
+                    location="graph.onnx.data", size_threshold=0)
+    (tmp / "elsewhere").mkdir()
+    os.link(tmp / "graph.onnx.data", tmp / "elsewhere" / "graph.onnx.data")  # as the cache links it
+    return path, weight
+
+
+def test_onnx_still_refuses_a_hard_linked_external_data_file(tmp_path):
+    import onnx
+
+    path, _ = _external_mlp(tmp_path)
+    with pytest.raises(Exception, match="multiple hard links"):
+        onnx.load(str(path))
+
+
+def test_graphs_with_hard_linked_weights_load(tmp_path):
+    from onnx import numpy_helper
+
+    from stages.upstream.onnx import load_graph
+
+    path, weight = _external_mlp(tmp_path)
+    model = load_graph(path)
+    assert np.array_equal(numpy_helper.to_array(model.graph.initializer[0]), weight)
+    assert not model.graph.initializer[0].external_data
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path):
+    import onnx
+
+    from stages.upstream.onnx import load_graph
+
+    path, _ = _external_mlp(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../secret.data"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ValueError, match="outside its folder"):
+        load_graph(path)

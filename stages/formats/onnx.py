@@ -13,6 +13,7 @@ import numpy as np
 from pipelines.errors import PipelineError, first_line
 from pipelines.memory import release
 
+from ..upstream.onnx import load_graph
 from ..upstream.onnxruntime import (int8_weight_bits, restore_node_metadata, unquantizable_average_pools,
                                    unquantizable_layer_norms, unsafe_optimizers)
 from . import Job, calibration_batches, link_or_copy, weight_summary
@@ -92,7 +93,7 @@ def _to_float16(source: Path, target: Path, job: Job) -> str:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
+    model = convert_float_to_float16(load_graph(source), keep_io_types=True,
                                      node_block_list=_float_nodes(source, job, int8=False) or None)
     _save(model, target)
     return "float16 graph, float32 I/O (onnxruntime.transformers.float16)" + _kept(job)
@@ -188,7 +189,7 @@ def _float_inputs_for_kept_layers(model_path: Path, original: Path, job: Job) ->
 
     keep = set(job.quantize.keep_float)
     if keep:
-        model = onnx.load(str(model_path))
+        model = load_graph(model_path)
         unquantized_inputs(model, {n.name for n in model.graph.node if in_modules(n, keep)},
                            onnx.load(str(original), load_external_data=False))
         _save(model, model_path)
@@ -255,7 +256,7 @@ def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list
         steps = app_model(raw, app, None if pre else [s["name"] for s in job.io["inputs"]], job.fmt.opset)
         _save(steps, job.workdir / APP_STEPS)
         inputs = [spec(value) for value in steps.graph.output]
-    model = onnx.load(str(job.source / GRAPH))
+    model = load_graph(job.source / GRAPH)
     before = _constant_bytes(model)
     if pre or post:
         model = onnx_model(inputs, pre, post, model, job.fmt.opset)
@@ -279,26 +280,33 @@ def lower(job: Job) -> dict[str, Any]:
     import onnx
 
     source = job.source / GRAPH
-    optimised = job.workdir / "optimised.onnx"
-    external = _streamed(source) and _data_bytes(source) > job.fmt.external_data_threshold_mb * 2**20
-    if job.fmt.optimize:
-        session(source, level="ORT_ENABLE_BASIC", optimized=optimised, external=external)
+    has_data = (job.source / (GRAPH + ".data")).exists()
+    external = _data_bytes(source) > job.fmt.external_data_threshold_mb * 2**20
+    if job.fmt.optimize or external and not has_data:  # an optimized graph keeps untouched
+        # external tensors pointing at the source's data file: its weights are written beside it
+        optimised = job.workdir / "optimised.onnx"
+        session(source, level="ORT_ENABLE_BASIC" if job.fmt.optimize else "ORT_DISABLE_ALL",
+                optimized=optimised, external=has_data or external)
         release()
     else:
+        optimised = job.workdir / GRAPH
         for path in job.source.glob(GRAPH + "*"):
-            link_or_copy(path, job.workdir / path.name.replace(GRAPH, optimised.name))
+            link_or_copy(path, job.workdir / path.name)
     artifact = job.workdir / f"model{SUFFIX}"
-    model = onnx.load(str(optimised), load_external_data=not external)  # a big one's weights stay on disk
+    # a big one's weights stay on disk; a smaller one's are read in and written inline
+    model = onnx.load(str(optimised), load_external_data=False) if external else load_graph(optimised)
     _strip_debug_info(model.graph)
     for key, value in (("precision", job.precision), ("io", json.dumps(job.io))):
         model.metadata_props.add(key=key, value=value)
-    if external:  # the weights file moves beside the artifact under its name; only the graph is written
-        _relocate(model, optimised.name + ".data", artifact.name + ".data")
-        (job.workdir / (optimised.name + ".data")).rename(job.workdir / (artifact.name + ".data"))
-        onnx.save_model(model, str(artifact))
+    data = job.workdir / (optimised.name + ".data")  # absent when every tensor is small
+    if external and data.exists():  # the weights file moves beside the artifact under its name
+        _relocate(model, data.name, artifact.name + ".data")
+        data.rename(job.workdir / (artifact.name + ".data"))
+        onnx.save_model(model, str(artifact))  # only the graph is written
     else:
         _save(model, artifact)
-    optimised.unlink()
+    for scratch in job.workdir.glob(optimised.name + "*"):
+        scratch.unlink()
     try:
         onnx.checker.check_model(str(artifact), full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -340,9 +348,11 @@ def _strip_debug_info(graph) -> None:
 
 
 def _save(model, path: Path) -> None:
+    """An in-memory graph (its weights read in) to path, its weights to <path>.data past 2 GB."""
     import onnx
 
     external = model.ByteSize() > TWO_GB - 2**26
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # stale, and onnx appends to it
     onnx.save_model(model, str(path), save_as_external_data=external,
                     location=path.name + ".data" if external else None)
 
@@ -411,7 +421,7 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
 
     from . import onnx_graph
 
-    model = onnx.load(str(job.source / GRAPH))
+    model = load_graph(job.source / GRAPH)
     points = onnx_graph.module_outputs(model)
     next_reads = {path: onnx_graph.requantized(model, value) for path, value in points.items()}
     types = {path: kind for node in model.graph.node for path, kind in onnx_graph.module_types(node).items()}
@@ -442,7 +452,7 @@ def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
     from . import onnx_graph
 
-    model = onnx.load(str(job.source / GRAPH))
+    model = load_graph(job.source / GRAPH)
     part = session(onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module]))
     names = [i.name for i in part.get_inputs()]
     return lambda feed: part.run(None, {n: feed[n] for n in names})[0].astype(np.float32)
