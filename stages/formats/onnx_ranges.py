@@ -28,7 +28,7 @@ def save_minmax_ranges(prepared: Path, feeds: Iterable[dict[str, np.ndarray]], p
     import onnx
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
-    from .onnx import session
+    from .onnx_session import session
 
     model = onnx.load(str(prepared), load_external_data=False)
     tensors = calibrated_tensors(model)
