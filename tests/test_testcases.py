@@ -271,3 +271,16 @@ def test_cli_module_exits_1_without_traceback(built: Path, tmp_path: Path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     missing = "no test cases beside it (test_data_set_0/ missing)"
     assert done.stdout == f"ERROR {tmp_path / 'model.onnx'}: {missing}\n"
+
+
+def test_a_program_past_the_bundle_limit_verifies_and_says_why_it_has_no_bundle(run_tiny, monkeypatch):
+    """A 1B-parameter .pte (4 GB) cannot go into a BundledProgram (one flatbuffer, at most 2 GB):
+    verify still judges it, and says why no model.bpte is written (shown with the limit lowered)."""
+    from stages.support import testcases
+
+    monkeypatch.setattr(testcases, "BUNDLE_LIMIT", 1024)
+    run = run_tiny("format=pte", "precision=fp32")
+    assert run.status == "pass", run.error
+    cases = run.result("verify")["test_cases"]
+    assert cases["cases"] == 0 and "2 GiB" in cases["skipped"]
+    assert not list(run.outputs["verify"].dir.glob("*.bpte"))

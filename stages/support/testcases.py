@@ -39,6 +39,22 @@ SCALAR_TYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 
                 6: np.float32, 7: np.float64, 11: np.bool_}
 
 
+BUNDLE_LIMIT = 2**31 - 2**26  # a BundledProgram is one flatbuffer holding the whole program
+
+
+def unbundlable(artifact: Path) -> str | None:
+    """Why a .pte's cases cannot be bundled, if they cannot: flatbuffers caps a buffer at 2 GB
+    and executorch 1.5.1's serializer copies the program into one
+    (devtools/bundled_program/serialize/__init__.py:157, `_pack_bundled_program` ->
+    `_create_aligned_byte_vector`: "flatbuffers: cannot grow buffer beyond 2 gigabytes"). The
+    .pte itself has no such limit (its weights are segments outside its flatbuffer)."""
+    size = artifact.stat().st_size
+    if artifact.suffix != ".pte" or size <= BUNDLE_LIMIT:
+        return None
+    return (f"no test cases bundled: the program is {size / 2**30:.1f} GiB and ExecuTorch's "
+            "BundledProgram is one flatbuffer, which flatbuffers caps at 2 GiB")
+
+
 def write(artifact: Path, io: dict[str, Any], feeds: list[dict[str, np.ndarray]],
           expected: list[list[np.ndarray]], eager: list[list[np.ndarray]],
           tolerance: Mapping[str, Any], meta: dict[str, Any]) -> list[str]:
