@@ -54,7 +54,7 @@ corpus: $(CORPUS_STAMP)  ## 14 real architectures x the six cells, the cell tabl
 
 PARALLEL := -n auto --maxprocesses=4 --dist loadfile  # a file's tests share one worker (module fixtures)
 
-test: $(STAMP) web-runtime  ## the test suite (CI runs this)
+test: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite (CI runs this; installs its test-only deps)
 	$(PY) -m pytest -q $(PARALLEL) --durations=10
 
 test-all: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
