@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,6 +24,33 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to count inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, max_lr: float,
+        loss_at: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`steps` optimizer steps under a one-cycle learning rate, loss_at(step) giving each step's
+    loss; returns the trained state dict (the model is left in eval mode)."""
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        loss = loss_at(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def main(make_checkpoint: Callable[[pathlib.Path], None], doc: str | None) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.audio_features import FEATURES, log_mel, mel_filterbank  # noqa: F401  (re-exported)
-from models.checkpoint_io import main, save_atomic
+from models.checkpoint_io import fit, intra_op_threads, main, save_atomic
 from models.splits import TEST, TRAIN, generator
 
 N_MELS = FEATURES["n_mels"]
@@ -214,27 +214,17 @@ def make_checkpoint(path: str | pathlib.Path, steps: int = TRAIN_STEPS) -> None:
     smoothing keeps the logits moderate (|logit| < ~10): float16's rounding step at the logits of
     plain cross-entropy would exceed FP16's tolerance.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         torch.manual_seed(0)
         gen = generator(TRAIN, TRAIN_SEED)
         config = {"num_classes": NUM_CLASSES, "channels": 16, "n_blocks": 3}
         model = build(config)
-        opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps)
-        model.train()
-        for _ in range(steps):
+
+        def loss_at(_step: int) -> torch.Tensor:
             x, y = _batch(TRAIN_BATCH, gen)
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        model.eval()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finally:
-        torch.set_num_threads(threads)
+            return F.cross_entropy(model(x), y, label_smoothing=0.05)
+
+        state = fit(model, torch.optim.Adam(model.parameters(), lr=LEARNING_RATE), steps, LEARNING_RATE, loss_at)
     save_atomic({"model_state_dict": state, "config": config}, pathlib.Path(path))
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.checkpoint_io import main, save_atomic
+from models.checkpoint_io import fit, intra_op_threads, main, save_atomic
 from models.splits import TEST, TRAIN
 
 VOCAB_FILE = pathlib.Path(__file__).with_name("text_vocab.txt")
@@ -277,30 +277,21 @@ def make_checkpoint(path: str | pathlib.Path, steps: int = TRAIN_STEPS) -> None:
     One intra-op thread (restored afterwards), seeded; label smoothing keeps the logits moderate
     for FP16 (|logit| < ~5).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         torch.manual_seed(0)
         config = model_config()
         model = build(config)
         texts, labels = sentences(TRAIN, steps * TRAIN_BATCH, TRAIN_SEED)
         data = {k: torch.from_numpy(v) for k, v in tokenize(texts).items()}
         y = torch.from_numpy(labels)
-        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps)
-        model.train()
-        for step in range(steps):
+
+        def loss_at(step: int) -> torch.Tensor:
             batch = slice(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH)
             logits = model(data["input_ids"][batch], data["attention_mask"][batch])
-            loss = F.cross_entropy(logits, y[batch], label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        model.eval()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finally:
-        torch.set_num_threads(threads)
+            return F.cross_entropy(logits, y[batch], label_smoothing=0.05)
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+        state = fit(model, optimizer, steps, LEARNING_RATE, loss_at)
     save_atomic({"model_state_dict": state, "config": config}, pathlib.Path(path))
 
 

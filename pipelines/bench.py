@@ -33,7 +33,7 @@ def timed(args: list[str], log: Path) -> float:
         code = subprocess.run([sys.executable, "run.py", *args], stdout=handle, stderr=subprocess.STDOUT).returncode
     seconds = time.monotonic() - started
     if code != 0:
-        raise SystemExit(f"bench: `python run.py {' '.join(args)}` failed (exit {code}); see {log}")
+        raise SystemExit(f"`python run.py {' '.join(args)}` failed (exit {code}); see {log}")
     return seconds
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
-from .memory import FIXED_MB, PER_WEIGHT_BYTE
+from .bench import timed
 from .cache import human_bytes
+from .memory import FIXED_MB, PER_WEIGHT_BYTE
 from .report import table
 
 SIZES = {  # name -> (width, hidden, blocks)
@@ -33,17 +31,6 @@ BIG_CELLS = {"onnx": ["precision=fp32,int8", "format=onnx"], "pte": ["precision=
 def model_args(size: str) -> list[str]:
     width, hidden, blocks = SIZES[size]
     return ["model=scale", "calibration=synthetic", f"model.arch.width={width}", f"model.arch.hidden={hidden}", f"model.arch.blocks={blocks}"]
-
-
-def timed(args: list[str], log: Path) -> float:
-    """Seconds one `python run.py ...` takes; its output goes to log. Fails loudly if it fails."""
-    started = time.monotonic()
-    with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, "run.py", *args], stdout=handle, stderr=subprocess.STDOUT).returncode
-    seconds = time.monotonic() - started
-    if code != 0:
-        raise SystemExit(f"scale: `python run.py {' '.join(args)}` failed (exit {code}); see {log}")
-    return seconds
 
 
 def disk_bytes(root: Path) -> int:
