@@ -17,10 +17,36 @@ class PipelineError(Exception):
         self.stage = stage
         self.module = module  # the model's module it broke on, when known (blocks.0.norm)
 
+    def __reduce__(self):  # crosses from a stage's process (pipelines/isolation.py) whole
+        return _rebuild, (type(self), self.args, dict(self.__dict__), _portable_cause(self))
+
     def __str__(self) -> str:
         where = f"[{self.stage}] " if self.stage else ""
         text = f"{where}{self.message}"
         return f"{text}\n  fix: {self.fix}" if self.fix else text
+
+
+def _rebuild(cls: type[PipelineError], args: tuple, state: dict, cause: Exception | None) -> PipelineError:
+    """Without calling __init__ (subclasses take other arguments: KeysDoNotFit), with a stand-in
+    for what caused it (the cache tells a full disk by an OSError's errno or a library failure)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    error.__cause__ = cause
+    return error
+
+
+def _portable_cause(exc: BaseException) -> Exception | None:
+    """A picklable stand-in for the chain below exc: its OSError with the errno, else the
+    library's failure as a RuntimeError (a library's own exception may not pickle)."""
+    chain, seen = [], exc.__cause__ or exc.__context__
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for error in chain:
+        if isinstance(error, OSError) and error.errno is not None:
+            return OSError(error.errno, error.strerror)
+    return RuntimeError(first_line(chain[0])) if chain else None
 
 
 class VerificationFailed(PipelineError):

@@ -16,6 +16,7 @@ T = TypeVar("T")
 _console: TextIO | None = None
 _log_fd: int | None = None
 _file_handler: logging.StreamHandler | None = None
+_log_file: Path | None = None
 
 
 def console() -> TextIO:
@@ -23,15 +24,22 @@ def console() -> TextIO:
     return _console or sys.stdout
 
 
+def use_console(fd: int) -> None:
+    """The terminal is this file descriptor (a stage's own process gets its job's terminal)."""
+    global _console
+    _console = os.fdopen(fd, "w", buffering=1)
+
+
 def setup(log_file: Path) -> logging.Logger:
     """Console handler for the pipeline's own messages; everything else to log_file."""
-    global _console, _log_fd, _file_handler
+    global _console, _log_fd, _file_handler, _log_file
     if _console is None:
         _console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     if _log_fd is not None:
         os.close(_log_fd)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     _log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _log_file = log_file
 
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -54,6 +62,11 @@ def setup(log_file: Path) -> logging.Logger:
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     return ours
+
+
+def current_file() -> Path | None:
+    """The log file setup() opened last (a stage's own process opens the same one)."""
+    return _log_file
 
 
 @contextlib.contextmanager

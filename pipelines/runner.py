@@ -1,6 +1,8 @@
 """Chains the registered stages for each part of a model, through the cache."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import shutil
 import time
@@ -11,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import logs, memory
+from . import isolation, logs, memory
 from .cache import Cache, compute_key
 from .errors import PipelineError, root_cause
 from .registry import STAGES, Stage, StageContext, StageOutput
@@ -63,29 +65,56 @@ def config_view(root: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
     return view
 
 
-def referenced_code(view: Any) -> str:
-    """Source versions of the user code a config names (`_target_`, `factory`): editing a
-    model's architecture invalidates the stages that build it."""
-    found: list[str] = []
+def referenced_modules(view: Any) -> list[str]:
+    """The user modules a config names (`_target_`, `factory`), sorted."""
+    found: set[str] = set()
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             for name, value in node.items():
                 if name in ("_target_", "factory") and isinstance(value, str) and "." in value:
-                    found.append(value.rsplit(".", 1)[0])
+                    found.add(value.rsplit(".", 1)[0])
                 walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
 
     walk(view)
+    return sorted(found)
+
+
+def referenced_code(view: Any) -> str:
+    """Source versions of the user code a config names: editing a model's architecture
+    invalidates the stages that build it."""
     versions = []
-    for module in sorted(set(found)):
+    for module in referenced_modules(view):
         try:
             versions.append(module_source_hash(module)[:16])
         except (ImportError, ValueError):  # unknown module: the stage that builds it says so
             versions.append(f"missing:{module}")
     return "".join(f"-{v}" for v in versions)
+
+
+def run_stage(fn, ctx: StageContext, run_dir: Path, model_modules: list[str]) -> dict[str, Any]:
+    """A stage's function with the libraries' output sent to the run's log; a library's
+    exception becomes one line naming the stage (its full traceback goes to the log).
+    The model's modules are imported first: a program that uses the custom operators they
+    register (torch.library) can only be loaded where they are."""
+    log_file = run_dir / "run.log"
+    if logs.current_file() is None and log_file.exists():  # a stage's own process: the same log
+        logs.setup(log_file)
+    try:
+        with logs.libraries_to_log():
+            for module in model_modules:
+                with contextlib.suppress(Exception):  # a broken one: the stage building it says so
+                    importlib.import_module(module)
+            return fn(ctx)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        logging.getLogger(__name__).error("stage %s failed:\n%s", ctx.name, traceback.format_exc())
+        raise PipelineError(root_cause(exc), stage=ctx.name, module=getattr(exc, "module", None),
+                            fix=f"see {log_file} for the full traceback") from exc
 
 
 class Runner:
@@ -99,6 +128,8 @@ class Runner:
         self.cache = Cache(Path(cache_cfg["dir"]), cache_cfg["verify"]) if cache_cfg["enabled"] else None
         self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
         self.refresh = set(cache_cfg["refresh"])
+        self.isolate = self.root["isolate_stages"]
+        self.model_modules = referenced_modules(self.root["model"])
         unknown = self.refresh - set(STAGES)
         if unknown:
             raise PipelineError(f"cache.refresh names unknown stages {sorted(unknown)}",
@@ -148,52 +179,54 @@ class Runner:
         key = compute_key(material)
         inputs = {need: run.outputs[need] for need in needs}
         started = time.monotonic()
-        output, hit = self._cached_call(stage, key, material, view, inputs, run.part)
+        output, hit, peak = self._cached_call(stage, key, material, view, inputs, run.part)
         seconds = time.monotonic() - started
         run.outputs[stage.name] = output
         run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
-                                       material["files"], None if hit else memory.peak_mb()))
+                                       material["files"], peak))
         run.artifact_digests.update(self._copy_artifacts(stage, output.dir, run.part, output.digests))
         self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
                       output.result.get("summary", ""))
 
-    def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool]:
+    def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool, float | None]:
+        """The stage's output, whether it was a hit, and the peak memory (MiB) of computing it."""
         if self.cache is None:
-            memory.new_peak()
             workdir = self.run_dir / "work" / part / stage.name
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
-            return StageOutput(key, workdir, self._call(stage, view, inputs, workdir, part)), False
+            result, peak = self._call(stage, view, inputs, workdir, part)
+            return StageOutput(key, workdir, result), False, peak
         fresh = stage.name in self.refresh
         entry = None if fresh else self.cache.lookup(key)  # no lock: an entry in place is whole
         if entry is not None:
-            return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True
+            return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
         with self.cache.lock(key):  # a miss: compute once, whoever waited here then hits
             entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
-                return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True
+                return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
             with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
-                memory.new_peak()
                 started = time.monotonic()
-                result = self._call(stage, view, inputs, tmp / "files", part)
+                result, peak = self._call(stage, view, inputs, tmp / "files", part)
                 meta = {"stage": stage.name, "material": material, "result": result,
                         "seconds": time.monotonic() - started}
                 entry = self.cache.commit(key, tmp, meta)
-            return StageOutput(key, entry.files, result, entry.meta["files"]), False
+            return StageOutput(key, entry.files, result, entry.meta["files"]), False, peak
 
-    def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> dict[str, Any]:
+    def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> tuple[dict[str, Any], float | None]:
+        """Run the stage's function (in a process of its own unless isolate_stages=false):
+        its result and its peak resident memory."""
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
         try:
-            with logs.libraries_to_log():
-                return stage.fn(ctx)
+            if self.isolate:
+                result, peak = isolation.call(stage.name, run_stage, stage.fn, ctx, self.run_dir,
+                                              self.model_modules)
+            else:
+                memory.new_peak()
+                result, peak = run_stage(stage.fn, ctx, self.run_dir, self.model_modules), memory.peak_mb()
         except PipelineError:
             self._copy_artifacts(stage, workdir, part)  # what it wrote to explain the failure
             raise
-        except Exception as exc:  # a library failure: full traceback to the log, one line here
-            logging.getLogger(__name__).error("stage %s failed:\n%s", stage.name,
-                                              traceback.format_exc())
-            raise PipelineError(root_cause(exc), stage=stage.name, module=getattr(exc, "module", None),
-                                fix=f"see {self.run_dir / 'run.log'} for the full traceback") from exc
+        return result, peak
 
     def _copy_artifacts(self, stage: Stage, directory: Path, part: str,
                         digests: dict[str, str] | None = None) -> dict[str, str]:

@@ -322,6 +322,9 @@ class RootConfig:
     wrap: WrapConfig = field(default_factory=WrapConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # each computing stage in a process of its own (pipelines/isolation.py): its own peak memory,
+    # all of it returned after; false runs them in the job's process (a debugger can step in)
+    isolate_stages: bool = True
     recipe: Optional[str] = None  # set by recipe files, for reports and run-dir names
 
 

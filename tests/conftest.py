@@ -31,15 +31,24 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run_tiny(tmp_path: Path, tiny_checkpoint: Path):
-    """Run the whole chain on the tiny model in-process; returns the PartRun."""
+def in_process() -> list[str]:
+    """Stages run in the test's process (isolate_stages=false): a test's monkeypatch reaches them."""
+    return ["isolate_stages=false"]
+
+
+@pytest.fixture
+def run_tiny(request, tmp_path: Path, tiny_checkpoint: Path):
+    """Run the whole chain on the tiny model; returns the PartRun. Its stages run in processes of
+    their own (as in a real run) unless the test also asks for the in_process fixture."""
     import stages  # noqa: F401  registers the stages
     from pipelines.runner import Runner
+
+    isolation = request.getfixturevalue("in_process") if "in_process" in request.fixturenames else []
 
     def run(*overrides: str, checkpoint: Path = tiny_checkpoint, cache: Path = tmp_path / "cache",
             model: str = "tiny"):
         cfg = compose_config(f"model={model}", f"model.checkpoint={checkpoint}", f"cache.dir={cache}",
-                             *overrides)
+                             *isolation, *overrides)
         run_dir = tmp_path / "run"
         run_dir.mkdir(exist_ok=True)
         return Runner(cfg, run_dir, logging.getLogger("test")).run()[0]

@@ -19,7 +19,7 @@ KEY = "cd" * 32
 
 def runner(root: Path) -> Runner:
     cfg = OmegaConf.create({"cache": {"enabled": True, "dir": str(root / "cache"), "refresh": [],
-                                      "verify": "stat"}})
+                                      "verify": "stat"}, "model": {}, "isolate_stages": False})
     (root / "run").mkdir(exist_ok=True)
     return Runner(cfg, root / "run", logging.getLogger("test"))
 
@@ -36,7 +36,7 @@ def slow_stage(root: Path) -> Stage:
 
 
 def call(root: Path, results) -> None:
-    output, hit = runner(root)._cached_call(slow_stage(root), KEY, {}, {}, {}, "part")
+    output, hit, _ = runner(root)._cached_call(slow_stage(root), KEY, {}, {}, {}, "part")
     results.put((hit, output.result, (output.dir / "out.bin").read_bytes()))
 
 

@@ -276,7 +276,7 @@ def assert_left_nothing(run, cache_dir: Path) -> None:
 
 
 def test_a_stage_that_fills_the_disk_fails_clearly_and_leaves_nothing(run_tiny, tmp_path, monkeypatch,
-                                                                     no_space):
+                                                                     no_space, in_process):
     import stages  # noqa: F401
     from pipelines.registry import STAGES
 

@@ -522,3 +522,47 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     onnx.save_model(model, str(path))
     with pytest.raises(ValueError, match="outside its folder"):
         load_graph(path)
+
+
+# onnxruntime's float16 converter decodes every weight to learn its shape
+
+
+def test_ort_float16_converter_still_decodes_a_weight_to_learn_its_shape():
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import make_value_info_from_tensor
+
+    weightless = TensorProto(name="w", data_type=TensorProto.FLOAT16, dims=[8, 8])
+    with pytest.raises(ValueError, match="cannot reshape array of size 0"):
+        make_value_info_from_tensor(weightless)
+
+
+def test_float16_graphs_stream_their_weights_and_match_the_converter(tmp_path, monkeypatch):
+    """A graph whose weights are in a data file becomes float16 without loading them: the same
+    bytes as ORT's converter on the loaded graph (clipping included), and the same outputs."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from stages.formats import onnx as onnx_backend
+    from stages.upstream.onnx import load_graph
+
+    monkeypatch.setattr(onnx_backend, "STREAMED", 0)  # tiny weights go to a data file too
+    module = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
+    with torch.no_grad():
+        module[0].weight[0, :3] = torch.tensor([1e5, -1e-9, 3e-8])  # past float16's range
+    specs = [spec("x", [2, 16])]
+    io = export(module, specs, tmp_path / "wrap")
+    onnx_backend.convert(job(tmp_path / "wrap", io, "fp32", tmp_path / "convert"))
+    source = tmp_path / "convert" / "graph.onnx"
+    assert onnx_backend._streamed(source)
+    onnx_backend.quantize(job(tmp_path / "convert", io, "fp16", tmp_path / "quantize"))
+    streamed = tmp_path / "quantize" / "graph.onnx"
+    assert onnx.load(str(streamed), load_external_data=False).graph.initializer[0].external_data
+
+    expected = convert_float_to_float16(load_graph(source), keep_io_types=True)
+    got = {t.name: numpy_helper.to_array(t) for t in load_graph(streamed).graph.initializer}
+    for tensor in expected.graph.initializer:
+        np.testing.assert_array_equal(got[tensor.name], numpy_helper.to_array(tensor), err_msg=tensor.name)
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    run = onnx_backend.load(streamed, io)
+    np.testing.assert_allclose(run({"x": x})[0], module(torch.from_numpy(x)).detach().numpy(), atol=2e-2)

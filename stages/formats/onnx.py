@@ -13,9 +13,9 @@ import numpy as np
 from pipelines.errors import PipelineError, first_line
 from pipelines.memory import release
 
-from ..upstream.onnx import load_graph
-from ..upstream.onnxruntime import (int8_weight_bits, restore_node_metadata, unquantizable_average_pools,
-                                   unquantizable_layer_norms, unsafe_optimizers)
+from ..upstream.onnx import all_tensors, external_bytes, external_tensors, load_graph
+from ..upstream.onnxruntime import (float16_without_weights, int8_weight_bits, restore_node_metadata,
+                                   unquantizable_average_pools, unquantizable_layer_norms, unsafe_optimizers)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 from .onnx_session import session
 
@@ -91,13 +91,47 @@ def _name_dims(model, specs: list[dict[str, Any]]) -> None:
 
 
 def _to_float16(source: Path, target: Path, job: Job) -> str:
+    """ORT's converter on the graph without its external weights (it only retypes them; they
+    never pass through memory), then those weights streamed to the new graph's data file."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(load_graph(source), keep_io_types=True,
-                                     node_block_list=_float_nodes(source, job, int8=False) or None)
-    _save(model, target)
+    model = onnx.load(str(source), load_external_data=False)
+    weights = {}  # name -> the tensor's reference into source's data file
+    for tensor in external_tensors(model):
+        weights[tensor.name] = onnx.TensorProto()
+        weights[tensor.name].CopyFrom(tensor)
+        tensor.data_location = onnx.TensorProto.DEFAULT  # weightless: shape inference skips it
+        del tensor.external_data[:]
+    model = float16_without_weights(model, keep_io_types=True,
+                                    node_block_list=_float_nodes(source, job, int8=False) or None)
+    if weights:
+        _stream_weights(model, source, target, weights)
+        onnx.save_model(model, str(target))
+    else:
+        _save(model, target)
     return "float16 graph, float32 I/O (onnxruntime.transformers.float16)" + _kept(job)
+
+
+def _stream_weights(model, source: Path, target: Path, weights: dict[str, Any]) -> None:
+    """The weights `model` was converted without, written one at a time to <target>.data, in
+    float16 where the converter retyped a float32 one (as it would have: convert_np_to_float16
+    clips into float16's range)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    data = target.with_name(target.name + ".data")
+    with open(data, "wb") as out:
+        for tensor in all_tensors(model):
+            if tensor.name not in weights:
+                continue
+            original = weights[tensor.name]
+            raw = external_bytes(source, original)
+            if original.data_type == onnx.TensorProto.FLOAT and tensor.data_type == onnx.TensorProto.FLOAT16:
+                raw = convert_np_to_float16(np.frombuffer(raw, np.float32)).tobytes()
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", out.tell()), ("length", len(raw))):
+                tensor.external_data.add(key=key, value=str(value))
+            out.write(raw)
 
 
 def _quantize_static(source: Path, target: Path, job: Job) -> str:

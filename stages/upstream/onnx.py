@@ -16,27 +16,39 @@ def load_graph(path: Path):
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    for tensor in _tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        if not location or Path(location).name != location or location in (".", ".."):
-            raise ValueError(f"{path}: tensor {tensor.name} names external data {location!r} outside its folder")
-        data = Path(path).parent / location
-        offset, size = int(info.get("offset", 0)), data.stat().st_size
-        length = int(info.get("length", size - offset))
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ValueError(f"{path}: tensor {tensor.name} reads past the end of {location}")
-        with open(data, "rb") as handle:  # one tensor at a time: the weights are held once
-            handle.seek(offset)
-            tensor.raw_data = handle.read(length)
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = external_bytes(path, tensor)  # one tensor at a time: held once
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     return model
 
 
-def _tensors(model):
+def external_bytes(path: Path, tensor) -> bytes:
+    """The bytes of one tensor that the graph at path keeps in an external data file, read with
+    onnx's guards except the hard-link one (see load_graph)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if not location or Path(location).name != location or location in (".", ".."):
+        raise ValueError(f"{path}: tensor {tensor.name} names external data {location!r} outside its folder")
+    data = Path(path).parent / location
+    offset, size = int(info.get("offset", 0)), data.stat().st_size
+    length = int(info.get("length", size - offset))
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"{path}: tensor {tensor.name} reads past the end of {location}")
+    with open(data, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def external_tensors(model) -> list:
+    """The tensors of a graph loaded without its external data whose bytes are in that file."""
+    import onnx
+
+    return [t for t in all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def all_tensors(model):
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)

@@ -76,3 +76,24 @@ def restore_node_metadata(source, optimized) -> int:
             node.metadata_props.extend(kept[node.name])
             restored += 1
     return restored
+
+
+def float16_without_weights(model, **options):
+    """onnxruntime.transformers.float16.convert_float_to_float16 on a graph whose weights were
+    left out (they are converted apart, one at a time: stages/formats/onnx.py).
+
+    The converter only retypes an initializer that has no data, but then builds its value_info
+    with `make_value_info_from_tensor`, which decodes the whole tensor to learn its shape
+    (`numpy_helper.to_array(tensor).shape`, onnxruntime/transformers/float16.py): on a weightless
+    tensor that raises "cannot reshape array of size 0", and on a loaded one it costs a copy of
+    every weight. The shape is the tensor's dims, which is what is used here instead."""
+    from unittest import mock
+
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    def value_info(tensor):
+        return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
+        return float16.convert_float_to_float16(model, **options)

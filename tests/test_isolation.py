@@ -1,0 +1,82 @@
+"""Each computing stage runs in a process of its own (pipelines/isolation.py)."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+
+from pipelines.errors import PipelineError
+from stages import load_checkpoint
+from stages.support.state_dict_cleaning import KeysDoNotFit
+
+_HELD: list[bytes] = []
+HOG_MB = 300
+
+
+def _killed(ctx):
+    (ctx.workdir / "state_dict.pt").write_bytes(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+
+
+def _loads_and_holds_memory(ctx):
+    _HELD.append(b"\x01" * (HOG_MB * 2**20))  # a stage that keeps what it allocated
+    return load_checkpoint.run(ctx)
+
+
+@pytest.fixture
+def replace_load(monkeypatch):
+    import stages  # noqa: F401
+    from pipelines.registry import STAGES
+
+    def replace(fn):
+        monkeypatch.setitem(STAGES, "load_checkpoint", dataclasses.replace(STAGES["load_checkpoint"], fn=fn))
+    return replace
+
+
+def test_a_stage_whose_process_is_killed_fails_that_stage_and_leaves_no_entry(run_tiny, replace_load, tmp_path):
+    replace_load(_killed)
+    run = run_tiny()
+    assert run.status == "fail"
+    assert run.error.startswith("[load_checkpoint] the stage's process was killed by SIGKILL (the kernel's OOM")
+    assert "hydra.launcher.n_jobs=1" in run.error
+    assert not list((tmp_path / "cache").glob("??/*")) and not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_what_a_stage_keeps_is_returned_when_it_ends(run_tiny, replace_load):
+    """The next stage's peak is its own: the memory the first one held went with its process."""
+    replace_load(_loads_and_holds_memory)
+    run = run_tiny()
+    assert run.status == "pass", run.error
+    peaks = {r.stage: r.peak_mb for r in run.records}
+    assert peaks["load_checkpoint"] >= HOG_MB
+    assert peaks["clean_state_dict"] < peaks["load_checkpoint"] - HOG_MB * 2 / 3
+    assert not _HELD  # it never ran in this process
+
+
+def test_stages_run_after_this_process_used_openmp(run_tiny):
+    """GNU OpenMP hangs a child forked from a process that ran a parallel op; the stages'
+    processes come from a fork server that never computes, so a job may compute first."""
+    torch.set_num_threads(2)
+    _ = torch.randn(512, 512) @ torch.randn(512, 512)
+    run = run_tiny("format=pte", "precision=int8", "calibration=synthetic")
+    assert run.status == "pass", run.error
+    assert all(r.peak_mb and r.peak_mb > 0 for r in run.records)
+
+
+def test_an_error_crosses_from_the_stage_process_whole():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            raise KeysDoNotFit("0/4 keys", fix="check model=", report={"missing": ["a"]}) from exc
+    except PipelineError as error:
+        error.stage = "clean_state_dict"
+        copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is KeysDoNotFit and copy.report == {"missing": ["a"]}
+    assert str(copy) == "[clean_state_dict] 0/4 keys\n  fix: check model="
+    assert isinstance(copy.__cause__, OSError) and copy.__cause__.errno == errno.ENOSPC  # a full disk
