@@ -12,6 +12,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError, root_cause
 from pipelines.logs import progress
+from pipelines.memory import release
 from pipelines.registry import StageContext, stage
 from pipelines.versions import host_isa
 
@@ -59,8 +60,8 @@ def run(ctx: StageContext) -> dict:
         cases = [(feed, step(feed)) for feed in _single_calls(first[0], io["inputs"])[:TEST_CASES]]
     else:
         report = {}
-    if cases:  # the artifact carries a few held-out cases and its own outputs for them
-        report["test_cases"] = _test_cases(ctx, lower, io, artifact, cases, tolerance)
+    # the artifact carries a few held-out cases and its own outputs for them, written at the end
+    cases = _expected_cases(lower, artifact, cases, tolerance) if cases else None
     if eager_io["state"] or eager_io["internal_state"]:
         from .support.streaming import verify_stream
 
@@ -78,6 +79,10 @@ def run(ctx: StageContext) -> dict:
         if not report["passed"]:
             report["reason"] += f"; {describe(report['diagnosis'])}"
     report["runtime"] = fmt.runtime(as_written)
+    if cases:
+        del eager, step, artifact  # a bundle copies the whole program: not beside two more copies
+        release()
+        report["test_cases"] = _write_cases(ctx, lower, io, cases)
     (ctx.workdir / "verify.json").write_text(json.dumps(report, indent=1))
     outputs = report["outputs"].values()
     acc, stream = report.get("accuracy"), report.get("stream")
@@ -136,32 +141,40 @@ def _raw_report(ctx: StageContext, io, eager, artifact, lower_dir) -> tuple[dict
 TEST_CASES = 3
 
 
-def _test_cases(ctx: StageContext, lower, io, artifact, cases, tolerance) -> dict[str, Any]:
-    """Beside the artifact (copied into the run's artifacts/): the first held-out examples, one
-    call each, with the artifact's outputs as expected values and eager's for reference
-    (stages/support/testcases.py: an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make
-    check-artifact` re-runs them anywhere. Where the precision sets no max_abs (int8), cases are
-    judged to 10% of the largest expected value, the atol a bundled runner needs."""
-    from .formats import link_or_copy
-    from .support.testcases import unbundlable, write
+def _expected_cases(lower, artifact, cases, tolerance) -> dict[str, Any]:
+    """The first held-out examples, one call each, with the artifact's outputs as expected
+    values and eager's for reference; where the precision sets no max_abs (int8), judged to 10%
+    of the largest expected value, the atol a bundled runner needs. Or why there are none."""
+    from .support.testcases import unbundlable
 
     if reason := unbundlable(lower.dir / lower.result["artifact"]):
-        ctx.log.info("    verify: %s", reason)
-        return {"cases": 0, "files": [], "skipped": reason}
+        return {"skipped": reason}
     feeds = [feed for feed, _ in cases]
     expected = [artifact(feed) for feed in feeds]
     largest = max(float(np.abs(o).max(initial=0)) for outputs in expected for o in outputs if o.dtype.kind != "O")
     bounds = {"max_abs": tolerance.max_abs if tolerance.max_abs is not None else round(0.1 * largest, 6),
               "min_cosine": tolerance.min_cosine}
+    return {"feeds": feeds, "expected": expected, "eager": [eager for _, eager in cases], "bounds": bounds}
+
+
+def _write_cases(ctx: StageContext, lower, io, cases: dict[str, Any]) -> dict[str, Any]:
+    """The cases beside the artifact (copied into the run's artifacts/; stages/support/testcases.py:
+    an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make check-artifact` re-runs them."""
+    from .formats import link_or_copy
+    from .support.testcases import write
+
+    if "skipped" in cases:
+        ctx.log.info("    verify: %s", cases["skipped"])
+        return {"cases": 0, "files": [], "skipped": cases["skipped"]}
     model = ctx.workdir / lower.result["artifact"]
     link_or_copy(lower.dir / lower.result["artifact"], model)
     try:
-        files = write(model, io, feeds, expected, [eager for _, eager in cases], bounds,
+        files = write(model, io, cases["feeds"], cases["expected"], cases["eager"], cases["bounds"],
                       {"precision": ctx.cfg.precision.name, "format": ctx.cfg.format.name,
                        "target_isa": list(ctx.cfg.target.isa)})
     finally:
         model.unlink()  # the model itself is lower's; the cases go beside it in artifacts/
-    return {"cases": len(cases), "files": files, "tolerance": bounds}
+    return {"cases": len(cases["feeds"]), "files": files, "tolerance": cases["bounds"]}
 
 
 def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:

@@ -566,3 +566,35 @@ def test_float16_graphs_stream_their_weights_and_match_the_converter(tmp_path, m
     x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
     run = onnx_backend.load(streamed, io)
     np.testing.assert_allclose(run({"x": x})[0], module(torch.from_numpy(x)).detach().numpy(), atol=2e-2)
+
+
+# ExecuTorch's bundled-program serializer grows a 1 KiB buffer and copies its output twice
+
+
+def test_bundles_are_written_byte_for_byte_as_executorch_writes_them_in_half_the_memory(tmp_path):
+    import tracemalloc
+
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.core import BundledProgram
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    from stages.upstream.executorch import write_bundle
+
+    module = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512))  # 8 MB of weights
+    pte = lowered(module, [spec("x", [1, 512])], "fp32", tmp_path)
+    x = torch.randn(1, 512)
+    suite = MethodTestSuite("forward", [MethodTestCase([x], [module(x).detach()])])
+
+    def peak(write) -> int:
+        tracemalloc.start()
+        write(BundledProgram(None, [suite], pte_file_path=str(pte)))
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    theirs = tmp_path / "theirs.bpte"
+    their_peak = peak(lambda bundle: theirs.write_bytes(serialize_from_bundled_program_to_flatbuffer(bundle)))
+    our_peak = peak(lambda bundle: write_bundle(bundle, tmp_path / "ours.bpte"))
+    assert (tmp_path / "ours.bpte").read_bytes() == theirs.read_bytes()
+    size = pte.stat().st_size
+    assert our_peak < 2.2 * size < 4 * size < their_peak, (our_peak / size, their_peak / size)

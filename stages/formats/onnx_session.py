@@ -20,6 +20,9 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
     from ..processing import uses_custom_ops
 
     proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    custom_ops, disabled = uses_custom_ops(proto), unsafe_optimizers(proto)
+    source = str(model) if isinstance(model, (str, Path)) else proto.SerializeToString()
+    del proto  # a graph's inline weights, held once: by the session, not also by this copy
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -34,10 +37,9 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
                                          optimized.name + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          "1024")
-    if uses_custom_ops(proto):
+    if custom_ops:
         from onnxruntime_extensions import get_library_path
 
         options.register_custom_ops_library(get_library_path())
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=unsafe_optimizers(proto))
+                                disabled_optimizers=disabled)

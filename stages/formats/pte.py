@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports torchao anyway
 
+from pipelines.memory import release
+
 from ..support.export_errors import lowering_failure
 from ..support.model_builder import as_step, used_tensors
 from ..support.state_io import state_nodes
@@ -171,9 +173,10 @@ class _Processed(torch.nn.Module):
 def lower(job: Job) -> dict[str, Any]:
     from executorch.devtools.backend_debug import get_delegation_info
 
-    program = torch.export.load(job.source / PROGRAM)
-    stats = _program_stats(program)
-    edge, buffer = _to_executorch(program, job.fmt)
+    programs = [torch.export.load(job.source / PROGRAM)]
+    stats = _program_stats(programs[0])
+    artifact = job.workdir / f"model{SUFFIX}"
+    edge = _to_executorch(programs, job.fmt, artifact)
     delegation = get_delegation_info(edge.exported_program().graph_module)
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
@@ -181,8 +184,6 @@ def lower(job: Job) -> dict[str, Any]:
     stats["non_delegated_ops"] = sorted({_op_name(n.target) for n in edge.exported_program().graph.nodes
                                          if n.op == "call_function" and _op_name(n.target)
                                          not in ("executorch_call_delegate", "getitem")})
-    artifact = job.workdir / f"model{SUFFIX}"
-    artifact.write_bytes(buffer)
     stats["planned_input_shapes"] = _planned_shapes(artifact)
     stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"])
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
@@ -190,23 +191,33 @@ def lower(job: Job) -> dict[str, Any]:
             "warnings": stats["warnings"]}
 
 
-def _to_executorch(program: torch.export.ExportedProgram, fmt) -> tuple[Any, bytes]:
-    """The edge program and the .pte bytes: XNNPACK-delegated where the format says so."""
+def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path) -> Any:
+    """The edge program, its .pte written to path: XNNPACK-delegated where the format says so.
+    `programs` holds the one program to lower; it is emptied once lowered, so the source's
+    weights are not kept beside the delegate's copy of them, and the .pte goes to the file
+    without being joined into one buffer first (its size again in memory)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     import executorch.kernels.quantized  # noqa: F401  out variants of quantize ops XNNPACK leaves
 
     partitioners = [XnnpackPartitioner()] if fmt.xnnpack else []
-    try:
-        with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
-            edge = to_edge_transform_and_lower(program, partitioner=partitioners,
-                                               compile_config=edge_compile_config(program))
+    with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
+        try:
+            edge = to_edge_transform_and_lower(programs[0], partitioner=partitioners,
+                                               compile_config=edge_compile_config(programs[0]))
+        except Exception as exc:
+            raise lowering_failure("ExecuTorch lowering", exc, programs[0]) from exc
+        programs.clear()
+        release()
+        try:
             executorch_program = edge.to_executorch(ExecutorchBackendConfig(
                 passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
-    except Exception as exc:
-        raise lowering_failure("ExecuTorch lowering", exc, program) from exc
-    return edge, executorch_program.buffer
+            with open(path, "wb") as out:
+                executorch_program.write_to_file(out)
+        except Exception as exc:
+            raise lowering_failure("ExecuTorch lowering", exc, edge.exported_program()) from exc
+    return edge
 
 
 def reference(job: Job) -> tuple[Callable, dict[str, str]]:
@@ -235,9 +246,8 @@ def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
     graph_module = torch.export.load(job.source / PROGRAM).module()
     with_outputs(graph_module, [requantized(module_outputs(graph_module.graph)[module])], replace=True)
-    _, buffer = _to_executorch(reexport(graph_module, job.io["inputs"]), job.fmt)
     path = job.workdir / f"prefix{SUFFIX}"
-    path.write_bytes(buffer)
+    _to_executorch([reexport(graph_module, job.io["inputs"])], job.fmt, path)
     method = Runtime.get().load_program(path).load_method("forward")
 
     def run(feed: dict[str, np.ndarray]) -> np.ndarray:

@@ -111,7 +111,8 @@ def _write_pte(artifact: Path, io: dict[str, Any], feeds, expected, eager, recor
     import torch
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
     from executorch.devtools.bundled_program.core import BundledProgram
-    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    from ..upstream.executorch import write_bundle
 
     def tensor(array: np.ndarray) -> torch.Tensor:
         # a C-ordered copy: the bundle serializes a tensor's whole storage, not just its view
@@ -127,8 +128,7 @@ def _write_pte(artifact: Path, io: dict[str, Any], feeds, expected, eager, recor
     suite = MethodTestSuite(METHOD, [MethodTestCase([tensor(feed[n]) for n in names],
                                                     [tensor(a) for a in wanted]) for feed, wanted, _ in cases])
     bundle = artifact.with_suffix(".bpte")
-    bundle.write_bytes(serialize_from_bundled_program_to_flatbuffer(
-        BundledProgram(None, [suite], pte_file_path=str(artifact))))
+    write_bundle(BundledProgram(None, [suite], pte_file_path=str(artifact)), bundle)
     eager_file = bundle.with_name(bundle.name + ".eager.npz")
     np.savez(eager_file, **{f"{case}/{name}": array for case, (_, _, reference) in enumerate(cases)
                             for name, array in zip(io["outputs"], reference, strict=True)})
