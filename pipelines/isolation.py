@@ -28,7 +28,7 @@ from .errors import PipelineError
 
 PRELOAD = ["torch", "executorch.exir", "executorch.runtime", "executorch.devtools", "onnx", "onnxruntime",
            "onnxruntime.quantization", "onnxscript", "torchao.quantization.pt2e", "stages",
-           "pipelines.runner"]
+           "pipelines.runner", "pipelines.fork_server"]
 _context: multiprocessing.context.BaseContext | None = None
 
 
