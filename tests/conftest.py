@@ -17,13 +17,10 @@ DEMO_CHECKPOINT = ROOT / "checkpoints" / "digits_cnn.pt"
 register()
 
 
-def compose_config(*overrides: str, isolated: bool = False) -> DictConfig:
-    """The composed config of `python run.py <overrides>` (tests' own model dir on the path).
-    Its stages run in the test's process unless `isolated` (quicker, and a test's monkeypatch
-    reaches them); the runs through run.py, and tests asking for `isolated`, take the real path."""
+def compose_config(*overrides: str) -> DictConfig:
+    """The composed config of `python run.py <overrides>` (tests' own model dir on the path)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"hydra.searchpath=[file://{TEST_CONF}]",
-                                            f"isolate_stages={str(isolated).lower()}", *overrides])
+        return compose("config", overrides=[f"hydra.searchpath=[file://{TEST_CONF}]", *overrides])
 
 
 @pytest.fixture
@@ -34,24 +31,24 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def isolated() -> bool:
-    """run_tiny runs each stage in a process of its own, as a real run does."""
-    return True
+def in_process() -> list[str]:
+    """Stages run in the test's process (isolate_stages=false): a test's monkeypatch reaches them."""
+    return ["isolate_stages=false"]
 
 
 @pytest.fixture
 def run_tiny(request, tmp_path: Path, tiny_checkpoint: Path):
-    """Run the whole chain on the tiny model; returns the PartRun (stages in the test's process
-    unless the test also asks for the `isolated` fixture)."""
+    """Run the whole chain on the tiny model; returns the PartRun. Its stages run in processes of
+    their own (as in a real run) unless the test also asks for the in_process fixture."""
     import stages  # noqa: F401  registers the stages
     from pipelines.runner import Runner
 
-    isolated = "isolated" in request.fixturenames
+    isolation = request.getfixturevalue("in_process") if "in_process" in request.fixturenames else []
 
     def run(*overrides: str, checkpoint: Path = tiny_checkpoint, cache: Path = tmp_path / "cache",
             model: str = "tiny"):
         cfg = compose_config(f"model={model}", f"model.checkpoint={checkpoint}", f"cache.dir={cache}",
-                             *overrides, isolated=isolated)
+                             *isolation, *overrides)
         run_dir = tmp_path / "run"
         run_dir.mkdir(exist_ok=True)
         return Runner(cfg, run_dir, logging.getLogger("test")).run()[0]

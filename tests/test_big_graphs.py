@@ -11,7 +11,7 @@ SYNTHETIC = "calibration=synthetic"
 
 
 @pytest.fixture
-def streamed(monkeypatch):
+def streamed(monkeypatch, in_process):
     monkeypatch.setattr(onnx_backend, "STREAMED", 0)
 
 

@@ -15,7 +15,7 @@ from pipelines.runner import CHAIN
 
 
 @pytest.fixture
-def calls(monkeypatch) -> Counter:
+def calls(monkeypatch, in_process) -> Counter:
     """How often each stage's function really ran."""
     import stages  # noqa: F401
 

@@ -276,7 +276,7 @@ def assert_left_nothing(run, cache_dir: Path) -> None:
 
 
 def test_a_stage_that_fills_the_disk_fails_clearly_and_leaves_nothing(run_tiny, tmp_path, monkeypatch,
-                                                                     no_space):
+                                                                     no_space, in_process):
     import stages  # noqa: F401
     from pipelines.registry import STAGES
 
@@ -311,9 +311,8 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["stage-fails", "pin-fails"])
-def test_a_real_full_disk_leaves_nothing(run_tiny, isolated, tiny_disk, pinned):
-    """torch.save reports a full disk without its errno: the free space tells, from a stage's
-    own process as in a real run."""
+def test_a_real_full_disk_leaves_nothing(run_tiny, tiny_disk, pinned):
+    """torch.save reports a full disk without its errno: the free space tells."""
     cache = Cache(tiny_disk / "cache")
     if pinned:
         cache.lookup(key(1))  # the pin file has its page: the first stage's write fails

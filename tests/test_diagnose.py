@@ -56,7 +56,8 @@ def test_keep_float_can_be_set_by_hand(run_tiny, outlier):
     assert run.status == "pass" and run.float_layers == ["head"]
 
 
-def test_the_diagnosis_finds_where_a_runtime_kernel_leaves_the_program(run_tiny, tmp_path, monkeypatch):
+def test_the_diagnosis_finds_where_a_runtime_kernel_leaves_the_program(run_tiny, tmp_path, monkeypatch,
+                                                                         in_process):
     """With the fp16 LayerNorm workaround off, ExecuTorch's kernel breaks the .pte (the program
     itself is right): bisecting prefixes of the program names the LayerNorm."""
     import stages.formats.pte as pte

@@ -38,8 +38,7 @@ def replace_load(monkeypatch):
     return replace
 
 
-def test_a_stage_whose_process_is_killed_fails_that_stage_and_leaves_no_entry(run_tiny, isolated, replace_load,
-                                                                              tmp_path):
+def test_a_stage_whose_process_is_killed_fails_that_stage_and_leaves_no_entry(run_tiny, replace_load, tmp_path):
     replace_load(_killed)
     run = run_tiny()
     assert run.status == "fail"
@@ -48,7 +47,7 @@ def test_a_stage_whose_process_is_killed_fails_that_stage_and_leaves_no_entry(ru
     assert not list((tmp_path / "cache").glob("??/*")) and not any((tmp_path / "cache" / "tmp").iterdir())
 
 
-def test_what_a_stage_keeps_is_returned_when_it_ends(run_tiny, isolated, replace_load):
+def test_what_a_stage_keeps_is_returned_when_it_ends(run_tiny, replace_load):
     """The next stage's peak is its own: the memory the first one held went with its process."""
     replace_load(_loads_and_holds_memory)
     run = run_tiny()
@@ -59,7 +58,7 @@ def test_what_a_stage_keeps_is_returned_when_it_ends(run_tiny, isolated, replace
     assert not _HELD  # it never ran in this process
 
 
-def test_stages_run_after_this_process_used_openmp(run_tiny, isolated):
+def test_stages_run_after_this_process_used_openmp(run_tiny):
     """GNU OpenMP hangs a child forked from a process that ran a parallel op; the stages'
     processes come from a fork server that never computes, so a job may compute first."""
     torch.set_num_threads(2)

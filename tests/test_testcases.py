@@ -273,7 +273,8 @@ def test_cli_module_exits_1_without_traceback(built: Path, tmp_path: Path):
     assert done.stdout == f"ERROR {tmp_path / 'model.onnx'}: {missing}\n"
 
 
-def test_a_program_past_the_bundle_limit_verifies_and_says_why_it_has_no_bundle(run_tiny, monkeypatch):
+def test_a_program_past_the_bundle_limit_verifies_and_says_why_it_has_no_bundle(run_tiny, monkeypatch,
+                                                                                   in_process):
     """A 1B-parameter .pte (4 GB) cannot go into a BundledProgram (one flatbuffer, at most 2 GB):
     verify still judges it, and says why no model.bpte is written (shown with the limit lowered)."""
     from stages.support import testcases
