@@ -8,8 +8,8 @@ Why a fork server (multiprocessing's "forkserver") and not a plain fork of the j
 is not fork-safe, a child forked from a process that already ran a multi-threaded torch op
 hangs on its first parallel op. The server preloads the libraries once (torch, ExecuTorch,
 onnxruntime: about 0.35 GB, shared by every child) and never computes, so forks are cheap and safe.
-A child gets the caller's environment, working directory and sys.path with each call: the server
-was started earlier and may have older ones. A patch applied to a module in the caller (a test's
+A child gets the caller's environment, working directory, sys.path, log file and terminal with
+each call: the server was started earlier and may have older ones. A patch applied to a module in the caller (a test's
 monkeypatch) does not reach the child: run such a job with `isolate_stages=false`.
 """
 from __future__ import annotations
@@ -29,20 +29,18 @@ from .errors import PipelineError
 PRELOAD = ["torch", "executorch.exir", "executorch.runtime", "executorch.devtools", "onnx", "onnxruntime",
            "onnxruntime.quantization", "onnxscript", "torchao.quantization.pt2e", "stages",
            "pipelines.runner", "pipelines.fork_server"]
-_context: multiprocessing.context.BaseContext | None = None
+_started = False
 
 
-def _server() -> multiprocessing.context.BaseContext:
+def _ensure_server() -> None:
     """The fork server, started on first use with the libraries' import-time prints sent to the
     run's log (its children write the console through the descriptor each call passes)."""
-    global _context
-    if _context is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
+    global _started
+    if not _started:
+        forkserver.set_forkserver_preload(PRELOAD)
         with logs.libraries_to_log():
             forkserver.ensure_running()
-        _context = context
-    return _context
+        _started = True
 
 
 class _Popen(popen_forkserver.Popen):
@@ -98,10 +96,11 @@ def _console_fd() -> int | None:
 def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | None]:
     """fn(*args) in a child process: its return value (or its PipelineError, raised here) and
     the child's peak resident memory in MiB."""
-    ctx = _server()
-    receive, send = ctx.Pipe(duplex=False)
+    _ensure_server()
+    receive, send = multiprocessing.Pipe(duplex=False)
     console = _console_fd()
-    caller = dict(os.environ), os.getcwd(), list(sys.path), None if console is None else _Descriptor(console)
+    caller = (dict(os.environ), os.getcwd(), list(sys.path), logs.current_file(),
+              None if console is None else _Descriptor(console))
     child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
     child.start()
     send.close()
@@ -125,13 +124,15 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
 
 
 def _child(send, caller: tuple, fn: Callable[..., Any], args) -> None:
-    environment, cwd, path, console = caller
+    environment, cwd, path, log_file, console = caller
     os.environ.clear()
     os.environ.update(environment)
     os.chdir(cwd)
     sys.path[:] = path
     if console is not None:
         logs.use_console(console)
+    if log_file is not None:  # the job's log: the libraries' output and tracebacks go there too
+        logs.setup(log_file)
     memory.reset_peak()
     try:
         answer = ("ok", fn(*args))

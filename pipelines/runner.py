@@ -100,9 +100,6 @@ def run_stage(fn, ctx: StageContext, run_dir: Path, model_modules: list[str]) ->
     exception becomes one line naming the stage (its full traceback goes to the log).
     The model's modules are imported first: a program that uses the custom operators they
     register (torch.library) can only be loaded where they are."""
-    log_file = run_dir / "run.log"
-    if logs.current_file() is None and log_file.exists():  # a stage's own process: the same log
-        logs.setup(log_file)
     try:
         with logs.libraries_to_log():
             for module in model_modules:
@@ -114,7 +111,7 @@ def run_stage(fn, ctx: StageContext, run_dir: Path, model_modules: list[str]) ->
     except Exception as exc:
         logging.getLogger(__name__).error("stage %s failed:\n%s", ctx.name, traceback.format_exc())
         raise PipelineError(root_cause(exc), stage=ctx.name, module=getattr(exc, "module", None),
-                            fix=f"see {log_file} for the full traceback") from exc
+                            fix=f"see {run_dir / 'run.log'} for the full traceback") from exc
 
 
 class Runner:

@@ -31,11 +31,11 @@ class CoveringSweeper(BasicSweeper):
     about half the cost. A swept value of the wrong type for a key fails in its own job."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        first, *others = covering_jobs(batch) or [[]]
-        super().validate_batch_is_legal([first])
+        jobs = covering_jobs(batch)
+        super().validate_batch_is_legal(jobs[:1])
         loader = self.hydra_context.config_loader
         common = list(OmegaConf.to_container(self.config.hydra.overrides.hydra))
-        for overrides in others:
+        for overrides in jobs[1:]:
             loader.compute_defaults_list(self.config.hydra.job.config_name, common + list(overrides),
                                          RunMode.RUN)
 
