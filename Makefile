@@ -60,8 +60,8 @@ test: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite (CI runs this; ins
 test-all: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
 	$(PY) -m pytest -q $(PARALLEL) -m "slow or not slow"
 
-check-artifact: $(STAMP)  ## re-run the test cases an artifact carries: make check-artifact ARTIFACT=path
-	$(PY) -m pipelines.check_artifact $(ARTIFACT)
+check-artifact: $(STAMP)  ## re-run an artifact's test cases: make check-artifact ARTIFACT=path [DEVICE=cortex-a76]
+	$(PY) -m pipelines.check_artifact $(ARTIFACT) $(if $(DEVICE),--device $(DEVICE))
 
 CACHE ?= outputs/cache
 cache-list: $(STAMP)  ## cache entries by stage, count and size (ALL=1: one line per entry)

@@ -1,8 +1,10 @@
 """Re-run the test cases that travel with artifacts (stages/support/testcases.py) in their runtimes.
 
-    python -m pipelines.check_artifact PATH [PATH...]
+    python -m pipelines.check_artifact PATH [PATH...] [--device cortex-a76]
 
 PATH: a model.onnx, model.pte or model.bpte, or a folder holding them (a run's artifacts/<part>/).
+--device: a device profile of conf/target/*.yaml, run natively or under qemu-user as
+verify_target runs it (make device-runtimes builds the emulated ones).
 One line per artifact (PASS, FAIL with the case and output that broke, or ERROR when the
 artifact or its cases are missing); exit 1 unless every artifact passes.
 """
@@ -29,26 +31,35 @@ def artifacts(path: Path) -> list[Path]:
     return found
 
 
-def line(artifact: Path) -> tuple[bool, str]:
+def line(artifact: Path, device: dict | None = None) -> tuple[bool, str]:
     """The verdict on one artifact, as one line."""
     from stages.support.testcases import check
 
     try:
-        result = check(artifact)
+        result = check(artifact, device)
     except PipelineError as exc:
         return False, f"ERROR {exc.message}"
     if not result["passed"]:
         return False, f"FAIL {artifact}: {result['reason']}"
     cases = len({row["case"] for row in result["cases"]})
     worst = max(row["max_abs"] for row in result["cases"])
-    return True, f"PASS {artifact} ({cases} case{'s' * (cases != 1)}, worst max abs {worst:.3g})"
+    where = f" on {device['name']}" if device else ""
+    return True, f"PASS {artifact}{where} ({cases} case{'s' * (cases != 1)}, worst max abs {worst:.3g})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.check_artifact",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    parser.add_argument("--device", help="a device of conf/target/*.yaml (cortex-a76, x86-64-avx2...)")
     args = parser.parse_args(argv)
+    from stages.runtimes.devices import profile
+
+    try:
+        device = profile(args.device) if args.device else None
+    except PipelineError as exc:
+        print(f"ERROR {exc.message}")
+        return 1
     passed = True
     for path in args.paths:
         try:
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             passed = False
             continue
         for artifact in found:
-            ok, text = line(artifact)
+            ok, text = line(artifact, device)
             print(text, flush=True)
             passed &= ok
     return 0 if passed else 1

@@ -21,7 +21,7 @@ from typing import Any
 from .cache import human_bytes
 
 COLOURS = {"pass": "#1a7f37", "mixed": "#9a8700", "fallback": "#d46b08", "fail": "#cf222e",
-           "skipped": "#8c959f"}
+           "skipped": "#8c959f", "partial": "#8c959f"}
 OTHER = "#57606a"
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#1f2328;padding:0 16px}
@@ -87,20 +87,27 @@ def _short(r: dict[str, Any]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    devices = list(dict.fromkeys(name for r in rows for name in r.get("devices") or {}))
     head = ["cell", "status", "size", "vs fp32", "max abs", "cosine", "accuracy", "p50 ms", "speedup",
-            "browser", "why"]
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+            *devices, "why"]
+    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
     for i, r in enumerate(rows):
-        web = _badge(r["target_status"]) if r.get("target_status") else "-"
-        web += f" {r['target_p50_ms']:.2f} ms" if r.get("target_status") and r.get("target_p50_ms") else ""
+        web = "".join(f'<td class="c">{_device_badge((r.get("devices") or {}).get(name))}</td>' for name in devices)
         numbers = [human_bytes(r.get("file_bytes")), _num(r.get("size_ratio_to_fp32"), ".2f"),
                    _num(r.get("max_abs"), ".2e"), _num(r.get("cosine"), ".5f"), _num(r.get("accuracy"), ".2%"),
                    _num(r.get("latency_p50_ms"), ".2f"), _num(r.get("speedup"), ".1f", "x")]
         out.append(f'<tr class="row" style="--c:{COLOURS.get(r.get("status"), OTHER)}"><td class="c">'
                    f'<a href="#cell-{i}">{escape(_name(r))}</a></td><td>{_badge(r.get("status"))}</td>'
                    + "".join(f'<td class="n">{escape(n)}</td>' for n in numbers)
-                   + f'<td class="c">{web}</td><td class="why">{escape(_short(r))}</td></tr>')
+                   + f'{web}<td class="why">{escape(_short(r))}</td></tr>')
     return "\n".join(out) + "</table>"
+
+
+def _device_badge(device: dict[str, Any] | None) -> str:
+    if not device or device.get("status") == "n/a":
+        return "-"
+    figure = f" {device['max_abs']:.1e}" if device.get("max_abs") is not None else ""
+    return f"{_badge(device.get('status'))}{figure}"
 
 
 def _details(i: int, r: dict[str, Any]) -> str:
@@ -116,12 +123,13 @@ def _details(i: int, r: dict[str, Any]) -> str:
     threads = f", {r['threads']} thread{'s' * (r['threads'] != 1)}" if r.get("threads") else ""
     items.append(("runtime", escape(f"{r.get('runtime') or 'runtime not recorded'}{threads}"
                                     + (": " + ", ".join(times) if times else ""))))
-    if r.get("target_status") or r.get("target_runtime"):
-        figures = ", ".join(f"{k} {format(r[key], spec)}" for k, key, spec in (
-            ("max abs", "target_max_abs", ".2e"), ("cosine", "target_cosine", ".5f"),
-            ("p50 ms", "target_p50_ms", ".2f")) if r.get(key) is not None)
-        text = "; ".join(x for x in (r.get("target_runtime"), figures, r.get("target_reason")) if x)
-        items.append(("browser", f"{_badge(r.get('target_status'))} {escape(text)}"))
+    for name, d in (r.get("devices") or {}).items():
+        figures = ", ".join(f"{k} {format(d[key], spec)}" for k, key, spec in (
+            ("max abs", "max_abs", ".2e"), ("cosine", "cosine", ".5f"), ("top-1", "top1_agreement", ".2%"),
+            ("stream max abs", "stream_max_abs", ".2e"), ("p50 ms", "p50_ms", ".2f")) if d.get(key) is not None)
+        flags = "cpu: " + " ".join(d["cpu_flags"]) if d.get("cpu_flags") else ""
+        text = "; ".join(x for x in (d.get("mode"), d.get("runtime"), flags, figures, d.get("reason")) if x)
+        items.append((name, f"{_badge(d.get('status'))} {escape(text)}"))
     if diagnosis := _diagnosis(r):
         items.append(("diagnosis", diagnosis))
     body = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)

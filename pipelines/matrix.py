@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from . import logs
 from .html_report import cached_plots, write_html
 from .cache import human_bytes
-from .report import latency_cells, table, target_cell
+from .report import device_cell, latency_cells, table, target_cell
 
 COLUMNS = ["cell", "status", "size", "vs fp32", "zlib", "max abs", "cosine", "accuracy",
-           "p50 ms", "vs eager", "target runtime", "seconds"]
+           "p50 ms", "vs eager", "devices", "seconds"]
 
 
 class MatrixReport(Callback):
@@ -124,10 +124,13 @@ def _latency_columns(latency: dict[str, Any] | None) -> dict[str, Any]:
 
 def _target_columns(target: dict[str, Any] | None) -> dict[str, Any]:
     target = target or {}
-    return {"target_status": target.get("status"), "target_runtime": target.get("runtime"),
-            "target_reason": target.get("reason"), "target_max_abs": target.get("max_abs"),
-            "target_cosine": target.get("cosine"), "target_p50_ms": target.get("p50_ms"),
-            "target_seconds": target.get("seconds")}
+    return {"target_status": target.get("status"), "target_reason": target.get("reason"),
+            "devices": target.get("devices") or {}}
+
+
+def device_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Every device any cell was checked on, in the order the targets list them."""
+    return list(dict.fromkeys(name for r in rows for name in r["devices"]))
 
 
 def _diagnosis_line(verify: dict[str, Any]) -> str | None:
@@ -144,39 +147,46 @@ def cells(rows: list[dict[str, Any]]) -> list[list[str]]:
     def number(value, spec):
         return "-" if value is None else format(value, spec)
 
+    devices = device_names(rows)
     return [[f"{r['model']}/{r['part']} {r['precision']} {r['format']}", r["status"].upper(),
              human_bytes(r["file_bytes"]), number(r["size_ratio_to_fp32"], ".2f"),
              human_bytes(r["compressed_bytes"]), number(r["max_abs"], ".2e"), number(r["cosine"], ".5f"),
              "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
              *latency_cells({"p50_ms": r["latency_p50_ms"], "speedup": r["speedup"]}
                             if r["latency_p50_ms"] is not None else None),
-             target_cell({"status": r["target_status"], "runtime": r["target_runtime"],
-                          "max_abs": r["target_max_abs"], "p50_ms": r["target_p50_ms"]}
-                         if r["target_status"] else None),
-             number(r["seconds"], ".1f")]
+             target_cell({"status": r["target_status"], "devices": r["devices"]} if r["target_status"] else None),
+             number(r["seconds"], ".1f"), *(device_cell(r["devices"].get(name)) for name in devices)]
             for r in rows]
 
 
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    return [*COLUMNS, *device_names(rows)]
+
+
 def notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(cell, text) for every failure, repair, warning and target runtime that did not pass."""
+    """(cell, text) for every failure, repair, warning and target check that did not pass."""
     return [(f"{r['model']}/{r['part']} {r['precision']} {r['format']}", text)
             for r in rows for text in ([r["error"]] if r["error"] else [])
             + [f"warning: {w}" for w in r["warnings"]]
-            + ([f"target runtime {r['target_status'].upper()}: {r['target_reason']}"]
-               if r["target_status"] in ("fail", "skipped") else [])]
+            + ([f"target {r['target_status'].upper()}: {r['target_reason']}"]
+               if r["target_status"] in ("fail", "skipped", "partial") else [])]
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    return "\n".join([table(cells(rows), COLUMNS), *(f"  {cell}: {text}" for cell, text in notes(rows))])
+    return "\n".join([table(cells(rows), columns(rows)), *(f"  {cell}: {text}" for cell, text in notes(rows))])
 
 
 def write(rows: list[dict[str, Any]], sweep_dir: Path, cache_dir: str | None = None) -> None:
     (sweep_dir / "matrix.json").write_text(json.dumps(rows, indent=1))
+    devices = device_names(rows)
+    flat = [{**{k: v for k, v in r.items() if k != "devices"},
+             **{f"device:{name}": device_cell(r["devices"].get(name)) for name in devices}} for r in rows]
     with open(sweep_dir / "matrix.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(flat[0]))
         writer.writeheader()
-        writer.writerows(rows)
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        writer.writerows(flat)
+    head = columns(rows)
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c) + " |" for c in cells(rows)]
     md += [""] + [f"- **{cell}**: {text}" for cell, text in notes(rows)]
     (sweep_dir / "matrix.md").write_text("\n".join(md) + "\n")

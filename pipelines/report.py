@@ -37,15 +37,30 @@ def _latency(benchmark: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _target(check: dict[str, Any]) -> dict[str, Any] | None:
-    """The target runtime's verdict and figures (verify_target), when it has one."""
+    """The target's verdict and each device's figures (verify_target), when it has devices."""
     if not check:
         return None
-    outputs = (check.get("outputs") or {}).values()
-    return {"status": check["status"], "runtime": check.get("runtime"), "reason": check.get("reason"),
-            "max_abs": max((o["max_abs"] for o in outputs), default=None),
-            "cosine": min((o["cosine"] for o in outputs), default=None),
-            "top1_agreement": check.get("top1_agreement"), "accuracy": check.get("accuracy"),
-            "p50_ms": (check.get("latency") or {}).get("p50_ms"), "seconds": check.get("seconds")}
+    return {"status": check["status"], "reason": check.get("reason"),
+            "devices": {name: device_figures(d) for name, d in (check.get("devices") or {}).items()}}
+
+
+def device_figures(device: dict[str, Any]) -> dict[str, Any]:
+    """One device's verdict and figures, as the tables show them."""
+    outputs = (device.get("outputs") or {}).values()
+    agreement = device.get("top1_agreement") or {}
+    accuracy = device.get("accuracy") or {}
+    top1 = min([*agreement.values(), *([accuracy["top1_agreement"]] if accuracy else [])], default=None)
+    cpu = device.get("cpu") or {}
+    return {"status": device["status"], "mode": device.get("mode"), "runtime": device.get("runtime"),
+            "reason": device.get("reason"), "max_abs": max((o["max_abs"] for o in outputs), default=None),
+            "cosine": min((o["cosine"] for o in outputs), default=None), "top1_agreement": top1,
+            "stream_max_abs": (device.get("stream") or {}).get("max_abs"),
+            "cpu_flags": [f for f in cpu.get("flags", []) if f in NUMERIC_FLAGS],
+            "p50_ms": (device.get("latency") or {}).get("p50_ms"), "seconds": device.get("seconds")}
+
+
+NUMERIC_FLAGS = ("asimd", "asimdhp", "asimddp", "asimdfhm", "sve", "avx2", "f16c", "fma3", "avx512f",
+                 "avx512vnni", "avx512fp16")  # what int8/fp16 kernels choose their paths by (numpy's names)
 
 
 def _mixed_reason(run: PartRun, size: dict[str, Any]) -> str | None:
@@ -100,7 +115,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def summary_table(report: dict[str, Any]) -> str:
     header = ["part", "status", "artifact", "size", "zlib", "max abs", "cosine", "accuracy",
-              "p50 ms", "vs eager", "target runtime", "cache", "seconds"]
+              "p50 ms", "vs eager", "devices", "cache", "seconds"]
     rows = []
     for part in report["parts"]:
         verify, size = part["verify"] or {}, part["size"] or {}
@@ -121,9 +136,10 @@ def summary_table(report: dict[str, Any]) -> str:
     notes = [f"  {p['part']}: {p['error'] or p['repair']}" for p in report["parts"]
              if p["error"] or p["repair"]]
     notes += [f"  {p['part']}: warning: {w}" for p in report["parts"] for w in p["warnings"]]
-    notes += [f"  {p['part']}: target runtime {p['target']['status'].upper()}: {p['target']['reason']}"
-              for p in report["parts"] if p["target"] and p["target"]["status"] in ("fail", "skipped")]
-    return "\n".join([title, table(rows, header), *notes])
+    notes += [f"  {p['part']}: target {p['target']['status'].upper()}: {p['target']['reason']}"
+              for p in report["parts"] if p["target"] and p["target"]["status"] in ("fail", "skipped", "partial")]
+    devices = device_table(report)
+    return "\n".join([title, table(rows, header), *notes, *(["", devices] if devices else [])])
 
 
 def latency_cells(latency: dict[str, Any] | None) -> list[str]:
@@ -134,14 +150,37 @@ def latency_cells(latency: dict[str, Any] | None) -> list[str]:
 
 
 def target_cell(target: dict[str, Any] | None) -> str:
-    """The target runtime's verdict in a table cell: `wasm PASS 1.4e-06 0.05 ms`, `SKIPPED`, `-`."""
+    """The target's verdict in a table cell: `PASS 3/3`, `FAIL 1/2`, `PARTIAL 1/2`, `-`."""
     if not target or target["status"] == "n/a":
         return "-"
-    if target["status"] == "skipped":
+    devices = [d for d in target["devices"].values() if d["status"] != "n/a"]
+    passed = sum(d["status"] == "pass" for d in devices)
+    return f"{target['status'].upper()} {passed}/{len(devices)}"
+
+
+def device_cell(device: dict[str, Any] | None) -> str:
+    """One device's verdict in a cell: `PASS 1.2e-06 top-1 100%`, `SKIPPED`, `-`."""
+    if not device or device["status"] == "n/a":
+        return "-"
+    if device["status"] == "skipped":
         return "SKIPPED"
-    backend = (target["runtime"] or "").split(",")[0].split()[-1]
-    latency = f" {target['p50_ms']:.3g} ms" if target["p50_ms"] is not None else ""
-    return f"{backend} {target['status'].upper()} {target['max_abs']:.2g}{latency}"
+    if device["max_abs"] is None:
+        return device["status"].upper()
+    top1 = f" top-1 {device['top1_agreement']:.1%}" if device.get("top1_agreement") is not None else ""
+    latency = f" {device['p50_ms']:.3g} ms" if device.get("p50_ms") is not None else ""
+    return f"{device['status'].upper()} {device['max_abs']:.2g}{top1}{latency}"
+
+
+def device_table(report: dict[str, Any]) -> str:
+    """Each part's devices: how each ran here, its verdict, max abs / cosine / top-1 against eager."""
+    header = ["part", "device", "ran", "verdict", "max abs", "cosine", "top-1", "cpu features", "runtime"]
+    rows = [[part["part"], name, d["mode"] or "-", device_cell(d).split(" ")[0],
+             f"{d['max_abs']:.2e}" if d["max_abs"] is not None else "-",
+             f"{d['cosine']:.6f}" if d["cosine"] is not None else "-",
+             f"{d['top1_agreement']:.2%}" if d["top1_agreement"] is not None else "-",
+             " ".join(d["cpu_flags"]) or "-", d["runtime"] or d["reason"] or "-"]
+            for part in report["parts"] if part["target"] for name, d in part["target"]["devices"].items()]
+    return table(rows, header) if rows else ""
 
 
 def _relative(path: str | None, base: str) -> str:

@@ -212,15 +212,36 @@ class FormatConfig:
     xnnpack: bool = True  # pte: delegate to XNNPACK
 
 
+class DeviceRuntime(str, Enum):
+    cpu = "cpu"  # the format's own runtime (onnxruntime, ExecuTorch) on this CPU: natively on a host
+    #              that is one, else under qemu-user emulation (devices/install.py)
+    browser = "browser"  # onnxruntime-web's wasm in headless Chromium (.onnx only; web/install.sh)
+
+
+@dataclass
+class DeviceConfig:
+    """One device a target ships to: verify_target runs the artifact there and judges it."""
+
+    name: str = MISSING  # a column of the report: cortex-a76, x86-64-avx2, chromium-wasm
+    isa: Isa = MISSING
+    runtime: DeviceRuntime = DeviceRuntime.cpu
+    # the qemu CPU model that emulates it; null: it runs only on a host that is one
+    cpu: Optional[str] = None
+    # CPU features (pipelines/versions.py CPU_FEATURES: vnni, avx2, avx512, fp16...) it has (true)
+    # or lacks (false): a host whose own agree, on the same isa, runs it natively
+    features: Dict[str, bool] = field(default_factory=dict)
+    note: str = ""  # what it stands for (a phone's big core, a server without VNNI)
+
+
 @dataclass
 class TargetConfig:
     """Where the artifact will run: it decides how INT8 is built, not the build machine's CPU."""
 
     name: str = MISSING  # server | web | android
     isa: List[Isa] = MISSING  # every CPU family the artifact may meet
-    # format -> module of stages/runtimes/ that runs this target's artifacts (verify_target);
-    # a format not named runs in the host's runtime, which verify already ran
-    runtime: Dict[str, str] = field(default_factory=dict)
+    # the devices verify_target checks the artifact on, each in its own runtime; the cell passes
+    # only when every one does
+    devices: List[DeviceConfig] = field(default_factory=list)
     # whether its onnxruntime has onnxruntime-extensions' custom ops (image decoding, tokenizers):
     # processing steps that need them stay in the app where it has not
     onnx_custom_ops: bool = True
@@ -274,6 +295,9 @@ class VerifyConfig:
     seed: int = 1234  # differs from calibration's seed: verification never sees calibration inputs
     diagnose: Diagnose = Diagnose.on_failure  # per-layer errors vs eager (stages/support/diagnose.py)
     stream: StreamConfig = field(default_factory=StreamConfig)  # parts with state
+    # devices of the target this host is not are run under qemu-user (devices/install.py);
+    # false: they are SKIPPED, by name, and the cell's verdict says so (a quick local iteration)
+    emulate: bool = True
 
 
 @dataclass

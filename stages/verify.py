@@ -63,10 +63,10 @@ def run(ctx: StageContext) -> dict:
     # the artifact carries a few held-out cases and its own outputs for them, written at the end
     cases = _expected_cases(lower, artifact, cases, tolerance) if cases else None
     if eager_io["state"] or eager_io["internal_state"]:
-        from .support.streaming import verify_stream
+        from .support.streaming import STREAM, verify_stream
 
         report["stream"] = verify_stream(ctx.cfg.verify.stream, tolerance, step, eager_io,
-                                         _resetter(eager, eager_io), artifact, io)
+                                         _resetter(eager, eager_io), artifact, io, ctx.workdir / STREAM)
         report.setdefault("outputs", report["stream"]["outputs"])
     report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
     if report["passed"] and "stream" in report:

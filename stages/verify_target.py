@@ -1,11 +1,13 @@
-"""verify_target: the artifact in the runtime its target ships (onnxruntime-web's wasm in headless
-Chromium for a web .onnx), on verify's held-out inputs, judged by the same tolerances; and its
-latency there. Where the target runs the host's own runtime, verify's figures are the target's.
-A runtime this host cannot run is SKIPPED with its reason, never passed silently.
+"""verify_target: the artifact on every device its target ships to (conf/target/*.yaml `devices:`),
+each in its own runtime: natively where this host is one, under qemu-user where it is not
+(an arm64 phone core, x86 without VNNI), in Chromium for a browser; on verify's held-out inputs
+and, for a part with state, verify's stream with the state carried as the app carries it; judged
+by the same tolerances. The cell passes only when no device fails; a device that cannot run here
+is SKIPPED with its reason, never passed silently. Emulated time is not device time: only the
+browser's latency is reported.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from typing import Any
@@ -13,74 +15,128 @@ from typing import Any
 import numpy as np
 
 from pipelines.registry import StageContext, stage
-from pipelines.versions import host_isa
 
 from .support.fidelity import HELD_OUT, check, class_scores, judge, load_held_out, part_tolerance
 from .support.tensors import batches
 
-def _runtime(view) -> str | None:
-    return (view["target"].get("runtime") or {}).get(view["format"]["name"])
+
+def _placements(view) -> list:
+    from .runtimes.devices import place
+
+    return [place(device, view["format"]["name"], view["verify"]["emulate"]) for device in view["target"]["devices"]]
 
 
 def _environment(view) -> dict[str, Any]:
-    name = _runtime(view)
-    return importlib.import_module(f"stages.runtimes.{name}").environment() if name else {"host": host_isa()}
+    from .runtimes.devices import environment
+
+    return environment(view["target"]["devices"], view["format"]["name"], view["verify"]["emulate"])
 
 
-@stage("verify_target", needs=lambda view: ("verify", "lower") if _runtime(view) else (),
-       config=("target", "format.name", "precision", "part", "verify.batch_size", "benchmark"),
+@stage("verify_target", needs=lambda view: ("verify", "lower") if any(p.runs for p in _placements(view)) else (),
+       config=("target", "format.name", "precision", "part", "verify.batch_size", "verify.emulate", "benchmark"),
        code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing",
-             "stages.support.raw"),
+             "stages.support.raw", "stages.support.streaming", "devices.install"),
        environment=_environment, artifacts=("verify_target.json",))
 def run(ctx: StageContext) -> dict:
-    target, name = ctx.cfg.target, _runtime(ctx.cfg)
-    if name is None:
-        host = host_isa() in list(target.isa)
-        report = {"status": "n/a" if host else "skipped", "passed": True,
-                  "reason": f"the {target.name} target runs the host's runtime: verify's figures are its own"
-                  if host else f"the {target.name} target runs on {', '.join(target.isa)}; this host is "
-                               f"{host_isa()} and has no such runtime: verify's figures are from its kernels"}
-    else:
-        report = _in_runtime(ctx, importlib.import_module(f"stages.runtimes.{name}"))
+    placements = _placements(ctx.cfg)
+    devices = {p.device: ({"status": p.mode, "passed": True, "reason": p.reason} if not p.runs else
+                          _on_device(ctx, p)) for p in placements}
+    report = _verdict(ctx.cfg.target.name, devices)
     (ctx.workdir / "verify_target.json").write_text(json.dumps(report, indent=1))
-    return {**report, "summary": report["status"].upper() + (f" in {report['runtime']}" if "runtime" in report
-                                                            else "") + f": {report.get('reason') or ''}"}
+    return {**report, "summary": f"{report['status'].upper()}: {report['reason']}"}
 
 
-def _in_runtime(ctx: StageContext, runtime) -> dict[str, Any]:
-    from .support import timing
+def _verdict(target: str, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The target's verdict: FAIL when a device fails, PASS when every device that takes the
+    format passed, PARTIAL when some were skipped; the reason names the devices."""
+    failed = [name for name, d in devices.items() if d["status"] == "fail"]
+    skipped = [name for name, d in devices.items() if d["status"] == "skipped"]
+    passed = [name for name, d in devices.items() if d["status"] == "pass"]
+    if failed:
+        status, reason = "fail", "; ".join(f"{name}: {devices[name]['reason']}" for name in failed)
+    elif not passed and not skipped:
+        status, reason = "n/a", f"no device of the {target} target takes this format"
+    elif skipped:
+        status = "partial" if passed else "skipped"
+        reason = "; ".join([*(f"{name} PASS" for name in passed),
+                            *(f"{name} SKIPPED ({devices[name]['reason']})" for name in skipped)])
+    else:
+        status, reason = "pass", ", ".join(f"{name} {_figure(devices[name])}" for name in passed)
+    return {"status": status, "passed": not failed, "reason": reason, "target": target, "devices": devices}
 
-    if reason := runtime.available():
-        return {"status": "skipped", "passed": True, "reason": reason}
+
+def _figure(device: dict[str, Any]) -> str:
+    worst = max(o["max_abs"] for o in device["outputs"].values())
+    return f"max abs {worst:.2g}"
+
+
+def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
+    """One device's verdict on the held-out inputs (and the stream, for a part with state)."""
+    from .runtimes.emulated import DeviceError
+    from .runtimes.browser import BrowserUnavailable
+
     verify, lower = ctx.input("verify"), ctx.input("lower")
     io = json.loads((lower.dir / "io.json").read_text())
-    if io["state"] or io["internal_state"]:
-        return {"status": "skipped", "passed": True,
-                "reason": "a part with state is streamed on the host runtime only (verify.stream)"}
-    raw = "processing" in io  # verify kept the feeds after the app's own steps, and eager's outputs
-    if raw:
+    tolerance = part_tolerance(ctx.cfg.precision, ctx.cfg.part)
+    started = time.monotonic()
+    ctx.log.info("    verify_target: %s (%s)", placement.device, placement.mode)
+    try:
+        with placement.session(lower.dir / lower.result["artifact"], io, ctx.cfg.benchmark.threads) as session:
+            report, first = _held_out(ctx, verify.dir, io, session) if not io["internal_state"] else ({}, None)
+            if io["state"] or io["internal_state"]:
+                report = _stream(verify.dir, io, session, tolerance, report)
+            if placement.mode == "browser":
+                report["latency"] = _latency(ctx, first if "processing" in io else None, io, session)
+            described = session.describe()
+            cpu = getattr(session, "cpu", None)
+    except (DeviceError, BrowserUnavailable) as exc:
+        return {"status": "fail", "passed": False, "mode": placement.mode,
+                "reason": f"the runtime failed on {lower.result['artifact']}: {exc}"}
+    passed, reason = check(report, tolerance) if "held_out" in report else (True, "")
+    if passed and "stream" in report:
+        passed, reason = report["stream"]["passed"], report["stream"]["reason"]
+    worst = max(o["max_abs"] for o in report["outputs"].values())
+    return {"status": "pass" if passed else "fail", "passed": passed, "mode": placement.mode,
+            "runtime": described, **({"cpu": cpu} if cpu else {}),
+            "reason": reason or f"max abs {worst:.2e} against eager", **report,
+            "seconds": round(time.monotonic() - started, 2)}
+
+
+def _held_out(ctx: StageContext, verify_dir, io, session) -> tuple[dict[str, Any], dict]:
+    """The device's outputs on verify's held-out inputs, judged; and the first feed."""
+    if "processing" in io:  # verify kept the feeds after the app's own steps, and eager's outputs
         from .support.raw import HELD_OUT_RAW, judge_raw, load_held_out as load_raw
 
-        feeds, eager_outputs, labels = load_raw(verify.dir / HELD_OUT_RAW)
-    else:
-        examples, eager, labels = load_held_out(verify.dir / HELD_OUT)
-        feeds = list(batches(examples, io["inputs"], ctx.cfg.verify.batch_size))
-    started = time.monotonic()
-    with runtime.session(lower.dir / lower.result["artifact"], ctx.cfg.benchmark.threads) as session:
+        feeds, eager_outputs, labels = load_raw(verify_dir / HELD_OUT_RAW)
         actual = session.run_many(feeds)
-        cfg = ctx.cfg.benchmark
-        with timing.exclusive():
-            example = feeds[0] if raw else timing.batch_of_one(io["inputs"])
-            latency = timing.summary(session.latency(example, cfg.warmup, max(cfg.min_runs, 1)))
-        described = session.describe()
-    if raw:
-        report = judge_raw(eager_outputs, [dict(zip(io["outputs"], a)) for a in actual], labels)
-    else:
-        report = judge([[eager[name] for name in io["outputs"]]],
-                       [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
-                       io["outputs"], class_scores(ctx.cfg.part, io), labels)
-    passed, reason = check(report, part_tolerance(ctx.cfg.precision, ctx.cfg.part))
-    worst = max(o["max_abs"] for o in report["outputs"].values())
-    return {"status": "pass" if passed else "fail", "passed": passed, "runtime": described,
-            "reason": reason or f"max abs {worst:.2e} against eager", **report,
-            "latency": latency, "seconds": round(time.monotonic() - started, 2)}
+        return ({"held_out": "verify's", **judge_raw(eager_outputs, [dict(zip(io["outputs"], a)) for a in actual],
+                                                     labels)}, feeds[0])
+    examples, eager, labels = load_held_out(verify_dir / HELD_OUT)
+    feeds = list(batches(examples, io["inputs"], ctx.cfg.verify.batch_size))
+    actual = session.run_many(feeds)
+    return {"held_out": "verify's", **judge(
+        [[eager[name] for name in io["outputs"]]],
+        [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
+        io["outputs"], class_scores(ctx.cfg.part, io), labels)}, feeds[0]
+
+
+def _stream(verify_dir, io, session, tolerance, report: dict[str, Any]) -> dict[str, Any]:
+    """verify's stream on the device: a fresh session, state carried call by call."""
+    from .support.streaming import STREAM, carry, judge_stream, load_stream
+
+    chunks, expected = load_stream(verify_dir / STREAM)
+    actual = [out for _, out in carry(session.run, io, chunks)]
+    stream = judge_stream(expected, actual, list(expected[0]), tolerance)
+    report["stream"] = stream
+    report.setdefault("outputs", stream["outputs"])
+    return report
+
+
+def _latency(ctx: StageContext, raw_feed: dict | None, io, session) -> dict[str, Any]:
+    """The browser's latency at batch 1 (a raw artifact: on its first raw input)."""
+    from .support import timing
+
+    cfg = ctx.cfg.benchmark
+    with timing.exclusive():
+        example = raw_feed if raw_feed is not None else timing.batch_of_one(io["inputs"])
+        return timing.summary(session.latency(example, cfg.warmup, max(cfg.min_runs, 1)))

@@ -16,11 +16,17 @@ DEMO_CHECKPOINT = ROOT / "checkpoints" / "digits_cnn.pt"
 
 register()
 
+# the tests of the pipeline run their target's devices natively only: emulated CPUs cost tens of
+# seconds a cell. tests/test_devices.py runs them, and tests of kernel numbers name a device
+# (tests/devices.py), so no verdict depends on the host's CPU either way.
+NATIVE_ONLY = "verify.emulate=false"
+
 
 def compose_config(*overrides: str) -> DictConfig:
     """The composed config of `python run.py <overrides>` (tests' own model dir on the path)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"hydra.searchpath=[file://{TEST_CONF}]", *overrides])
+        emulate = [] if any(o.startswith("verify.emulate=") for o in overrides) else [NATIVE_ONLY]
+        return compose("config", overrides=[f"hydra.searchpath=[file://{TEST_CONF}]", *emulate, *overrides])
 
 
 @pytest.fixture

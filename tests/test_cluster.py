@@ -9,13 +9,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tests.conftest import ROOT, TEST_CONF
+from tests.conftest import ROOT, TEST_CONF, NATIVE_ONLY
 
 
 def sweep(launcher: str, cache: Path, out: Path, checkpoint: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", f"hydra.searchpath=[file://{TEST_CONF}]",
-         "model=tiny", f"model.checkpoint={checkpoint}", "format=onnx,pte", "precision=fp32,fp16",
+         "model=tiny", f"model.checkpoint={checkpoint}", NATIVE_ONLY, "format=onnx,pte", "precision=fp32,fp16",
          f"cache.dir={cache}", f"hydra.sweep.dir={out}", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

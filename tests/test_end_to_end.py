@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.runner import CHAIN
-from tests.conftest import ROOT
+from tests.conftest import ROOT, NATIVE_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def cache(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cache: Path, run_dir: Path) -> subprocess.CompletedProcess:
     key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
-    return subprocess.run([sys.executable, "run.py", *args, f"cache.dir={cache}", f"{key}={run_dir}"],
+    return subprocess.run([sys.executable, "run.py", NATIVE_ONLY, *args, f"cache.dir={cache}", f"{key}={run_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 

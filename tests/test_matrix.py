@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stages.size_audit import check_precision
-from tests.conftest import ROOT, TEST_CONF
+from tests.conftest import ROOT, TEST_CONF, NATIVE_ONLY
 from tests.test_end_to_end import eager_logits, run_artifact
 
 UPSTREAM = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate")
@@ -28,7 +28,7 @@ def stage_misses(manifests: list[dict]) -> Counter:
 def sweep(tmp_path_factory, demo_checkpoint) -> Path:
     """`python run.py -m recipe=matrix` on the demo model, cold cache (joblib, 2 workers)."""
     root = tmp_path_factory.mktemp("matrix")
-    result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", f"cache.dir={root}/cache",
+    result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", NATIVE_ONLY, f"cache.dir={root}/cache",
                              f"hydra.sweep.dir={root}/sweep"], cwd=ROOT, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_two_concurrent_processes_share_upstream_entries(tmp_path, tiny_checkpoi
     """Started together on an empty cache: one computes each shared stage, the other reuses it."""
     common = [f"hydra.searchpath=[file://{TEST_CONF}]", "model=tiny", f"model.checkpoint={tiny_checkpoint}",
               f"cache.dir={tmp_path}/cache"]
-    jobs = [subprocess.Popen([sys.executable, "run.py", f"format={fmt}", *common,
+    jobs = [subprocess.Popen([sys.executable, "run.py", f"format={fmt}", NATIVE_ONLY, *common,
                               f"hydra.run.dir={tmp_path}/{fmt}"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for fmt in ("onnx", "pte")]
     for job in jobs:
@@ -159,7 +159,7 @@ def test_int8_that_misses_its_tolerance_falls_back_to_fp32_when_allowed(run_tiny
 def test_dynamic_int8_for_both_formats(sweep, demo_checkpoint):
     """precision=int8_dynamic: int8 weights, activations quantized at run time, no calibration."""
     root = sweep.parent
-    result = subprocess.run([sys.executable, "run.py", "-m", "precision=int8_dynamic", "format=onnx,pte",
+    result = subprocess.run([sys.executable, "run.py", "-m", "precision=int8_dynamic", "format=onnx,pte", NATIVE_ONLY,
                              f"cache.dir={root}/cache", f"hydra.sweep.dir={root}/dynamic"], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, NATIVE_ONLY
 from tests.tiny_stateful import FEATURES, TinyStream, write_checkpoint
 
 STATE_INPUTS = ["state_in_memory_previous", "state_in_memory_total"]
@@ -186,7 +186,7 @@ def test_streaming_pitch_end_to_end_onnx(tmp_path):
     checkpoint = tmp_path / "pitch.pt"
     torch.save({"model_state_dict": model.state_dict(), "config": {}}, checkpoint)
     result = subprocess.run(
-        [sys.executable, "run.py", "model=streaming_pitch", f"model.checkpoint={checkpoint}",
+        [sys.executable, "run.py", "model=streaming_pitch", NATIVE_ONLY, f"model.checkpoint={checkpoint}",
          f"cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

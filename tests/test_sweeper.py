@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from hydra_plugins.covering_sweeper import covering_jobs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, NATIVE_ONLY
 
 
 def test_the_covering_jobs_use_every_swept_value():
@@ -23,7 +23,7 @@ def test_the_covering_jobs_use_every_swept_value():
     ("verify.nokey=3", "Could not override 'verify.nokey'"),  # given to every job
 ], ids=["swept-group-option", "common-key"])
 def test_a_bad_override_fails_the_sweep_before_any_job_runs(tmp_path, bad, says):
-    done = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", *bad.split(),
+    done = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", NATIVE_ONLY, *bad.split(),
                            f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and says in done.stderr + done.stdout

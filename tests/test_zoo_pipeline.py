@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.app import ensure_checkpoint
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, NATIVE_ONLY
 
 # model -> (matrix overrides, the key-cleaning rule its checkpoint needs)
 ZOO = {
@@ -83,7 +83,7 @@ def test_the_encoder_keeps_a_named_dynamic_time_axis_and_valid_lengths(cache, tm
 @pytest.mark.parametrize("name", ZOO)
 def test_each_zoo_model_matrix_verifies_all_six_cells(name, tmp_path):
     zoo_config(name)
-    result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", f"model={name}", *ZOO[name][0],
+    result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", f"model={name}", NATIVE_ONLY, *ZOO[name][0],
                              f"cache.dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep"],
                             cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

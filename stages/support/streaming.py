@@ -72,35 +72,63 @@ def _signal(cfg, length: int, rng: np.random.Generator) -> np.ndarray:
     return signal[:length]
 
 
+STREAM = "stream.npz"  # verify's chunks and eager's outputs per chunk, for the other verifiers
+
+
 def verify_stream(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], reset: Callable[[], None],
-                  artifact: Step, io: Mapping[str, Any]) -> dict[str, Any]:
+                  artifact: Step, io: Mapping[str, Any], saved: Path | None = None) -> dict[str, Any]:
     """Every chunk's outputs, artifact vs eager (buffers reset at the start), each within the
-    tolerance; beside them what a stateless export would give on the same chunks."""
+    tolerance; beside them what a stateless export would give on the same chunks. `saved`: where
+    to keep the chunks and eager's outputs (load_stream reads them back)."""
     state_inputs = {s["input"] for s in eager_io["state"]}
     chunks = signal_chunks(cfg, [s for s in eager_io["inputs"] if s["name"] not in state_inputs])
     reset()
     expected = [out for _, out in carry(eager, eager_io, chunks)]
     actual = [out for _, out in carry(artifact, io, chunks)]
+    if saved:
+        np.savez(saved, **{f"{k}/chunk:{name}": v for k, chunk in enumerate(chunks) for name, v in chunk.items()},
+                 **{f"{k}/eager:{name}": v for k, out in enumerate(expected) for name, v in out.items()})
     if io["state"]:  # fed the initial state every call, as the stateless export would be
         naive = [out for _, out in carry(artifact, io, chunks, stateless=True)]
     else:  # state inside the artifact: a stateless export equals eager restarted every call
         naive = [out for _, out in carry(lambda feed: (reset(), eager(feed))[1], eager_io, chunks)]
     names = eager_io["outputs"]
+    baseline = [max(compare(e[n], b[n])["max_abs"] for n in names) for e, b in zip(expected, naive)]
+    return {
+        "signal": _describe(cfg),
+        "state": [s["input"] for s in io["state"]] or f"inside the artifact: {eager_io['internal_state']}",
+        **judge_stream(expected, actual, names, tolerance),
+        "stateless_baseline": {"max_abs": max(baseline), "worst_chunk": int(np.argmax(baseline)),
+                               "per_chunk_max_abs": baseline},
+    }
+
+
+def load_stream(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(chunks, eager's outputs per chunk) as verify_stream saved them."""
+    chunks: dict[int, dict] = {}
+    expected: dict[int, dict] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            index, _, rest = key.partition("/")
+            kind, _, name = rest.partition(":")
+            (chunks if kind == "chunk" else expected).setdefault(int(index), {})[name] = data[key]
+    return [chunks[k] for k in sorted(chunks)], [expected[k] for k in sorted(expected)]
+
+
+def judge_stream(expected: list[Mapping[str, np.ndarray]], actual: list[Mapping[str, np.ndarray]],
+                 names: list[str], tolerance) -> dict[str, Any]:
+    """Chunk by chunk, every output within the tolerance; the first chunk that is not is the reason."""
     per_chunk = [{n: compare(e[n], a[n]) for n in names} for e, a in zip(expected, actual)]
     errors = [max(m["max_abs"] for m in chunk.values()) for chunk in per_chunk]
-    baseline = [max(compare(e[n], b[n])["max_abs"] for n in names) for e, b in zip(expected, naive)]
     verdicts = [check({"outputs": chunk}, tolerance) for chunk in per_chunk]
     failed = next((k for k, (ok, _) in enumerate(verdicts) if not ok), None)
     return {
-        "chunks": cfg.chunks, "signal": _describe(cfg),
-        "state": [s["input"] for s in io["state"]] or f"inside the artifact: {eager_io['internal_state']}",
-        "per_chunk_max_abs": errors, "worst_chunk": int(np.argmax(errors)), "max_abs": max(errors),
+        "chunks": len(expected), "per_chunk_max_abs": errors, "worst_chunk": int(np.argmax(errors)),
+        "max_abs": max(errors),
         "outputs": {n: compare(np.stack([e[n] for e in expected]), np.stack([a[n] for a in actual]))
                     for n in names},
-        "stateless_baseline": {"max_abs": max(baseline), "worst_chunk": int(np.argmax(baseline)),
-                               "per_chunk_max_abs": baseline},
         "passed": failed is None,
-        "reason": "" if failed is None else f"streaming chunk {failed}/{cfg.chunks}: {verdicts[failed][1]}",
+        "reason": "" if failed is None else f"streaming chunk {failed}/{len(expected)}: {verdicts[failed][1]}",
     }
 
 

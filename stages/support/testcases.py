@@ -142,18 +142,64 @@ def _write_pte(artifact: Path, io: dict[str, Any], feeds, expected, eager, recor
     return [bundle.name, meta_file.name, eager_file.name]
 
 
-def check(artifact: Path) -> dict[str, Any]:
-    """Re-run the cases beside `artifact` (.onnx, .pte or .bpte) in its runtime and judge each
-    output with the stored tolerances: {"passed", "cases": [per case and output], "reason"}.
-    Raises PipelineError when the artifact or its cases are missing."""
+def check(artifact: Path, device: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Re-run the cases beside `artifact` (.onnx, .pte or .bpte) in its runtime, or on `device`
+    (a device profile, conf/target/*.yaml), and judge each output with the stored tolerances:
+    {"passed", "cases": [per case and output], "reason"}. Raises PipelineError when the
+    artifact or its cases are missing, or the device cannot run here."""
     artifact = Path(artifact)
     if not artifact.is_file():
         raise PipelineError(f"{artifact}: no such file")
+    if artifact.suffix not in (".onnx", ".pte", ".bpte"):
+        raise PipelineError(f"{artifact}: not a .onnx, .pte or .bpte file")
+    if device is not None:
+        return _check_on_device(artifact, device)
     if artifact.suffix == ".onnx":
         return _check_onnx(artifact)
-    if artifact.suffix in (".pte", ".bpte"):
-        return _check_bundle(artifact.with_suffix(".bpte"))
-    raise PipelineError(f"{artifact}: not a .onnx, .pte or .bpte file")
+    return _check_bundle(artifact.with_suffix(".bpte"))
+
+
+def _check_on_device(artifact: Path, device: Mapping[str, Any]) -> dict[str, Any]:
+    """The cases through the device's own runtime (stages/runtimes/devices.py): an .onnx's
+    test_data_set_<i>/, a .bpte's program and cases, each case a call of a fresh session."""
+    import tempfile
+
+    from ..runtimes.devices import place
+
+    fmt = "onnx" if artifact.suffix == ".onnx" else "pte"
+    placement = place(device, fmt)
+    if not placement.runs:
+        raise PipelineError(f"{device['name']} cannot run {artifact.name} here: {placement.reason}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "onnx":
+            from onnx import numpy_helper
+
+            folders = _case_folders(artifact)
+            if not folders:
+                raise PipelineError(f"{artifact}: no test cases beside it ({CASES}0/ missing)")
+            model = artifact
+            cases = [(int(f.name[len(CASES):]), _meta(f / "meta.json")["tolerance"],
+                      {t.name: numpy_helper.to_array(t) for t in _tensors(f, "input")},
+                      [(t.name, numpy_helper.to_array(t)) for t in _tensors(f, "output")]) for f in folders]
+        else:
+            bundle = artifact.with_suffix(".bpte")
+            if not bundle.is_file():
+                raise PipelineError(f"{bundle.with_suffix('.pte')}: no test cases beside it ({bundle.name} missing)")
+            meta = _meta(bundle.with_name(bundle.name + ".json"))
+            program, suites = read_bundle(bundle, bundle.read_bytes())
+            model = Path(tmp) / "model.pte"
+            model.write_bytes(program.tobytes())
+            cases = [(case, meta["tolerance"], dict(zip(meta["inputs"], inputs)), list(zip(meta["outputs"], expected)))
+                     for case, (inputs, expected) in enumerate(suites[meta["method"]])]
+        results = []
+        for case, tolerance, feed, wanted in cases:
+            try:
+                with placement.session(model, {"inputs": [{"name": n, "dynamic": {}} for n in feed]}) as session:
+                    actual = session.run(feed)
+            except Exception as exc:  # the device's runtime: DeviceError, or a native session's own
+                return _judge(results, f"case {case}: {device['name']} failed to run it: {first_line(exc)}")
+            results.append((case, tolerance, [(name, want, got) for (name, want), got in zip(wanted, actual)]))
+    return _judge(results)
 
 
 def _check_onnx(artifact: Path) -> dict[str, Any]:

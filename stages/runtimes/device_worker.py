@@ -1,0 +1,137 @@
+"""Runs one artifact for the host inside a device's own Python: the arm64 Python of the emulated
+runtimes under qemu-user, or the project's venv under an emulated x86 CPU (stages/runtimes/emulated.py
+starts it). Standalone on purpose: it imports numpy and the format's runtime only (onnxruntime,
+or ExecuTorch's runtime bindings without its compiler), never the project.
+
+    python device_worker.py '{"format": "onnx", "artifact": "/x/model.onnx", "threads": 1, ...}'
+
+Messages on stdin/stdout are frames: an 8-byte big-endian length, then an .npz whose "__meta__"
+entry is JSON. The worker answers the start with its CPU's features and runtime, then each feed
+(the graph's inputs by name) with the outputs in graph order, or {"error": ...}. Libraries that
+print write to stderr: the protocol has stdout to itself.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import struct
+import sys
+import time
+import traceback
+
+import numpy as np
+
+
+def read_frame(stream) -> dict[str, np.ndarray] | None:
+    """The next frame's arrays (and "__meta__"), or None at the end of the stream."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack(">Q", head)
+    body = stream.read(size)
+    with np.load(io.BytesIO(body), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def write_frame(stream, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+    buffer = io.BytesIO()
+    safe = {name: (value.astype(str) if value.dtype.kind == "O" else value) for name, value in (arrays or {}).items()}
+    np.savez(buffer, __meta__=np.asarray(json.dumps(meta)), **safe)
+    body = buffer.getvalue()
+    stream.write(struct.pack(">Q", len(body)) + body)
+    stream.flush()
+
+
+def cpu_features() -> dict[str, object]:
+    """What this (possibly emulated) CPU says it is: the features numpy's runtime dispatch found
+    by asking the CPU itself (CPUID on x86, HWCAP on arm64; under qemu-user, the emulated
+    model's), and the model name /proc/cpuinfo gives."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.partition(":")[2].strip() for line in handle
+                          if line.split(":")[0].strip() in ("model name", "CPU part")), "")
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model,
+            "flags": sorted(name.lower() for name, present in __cpu_features__.items() if present)}
+
+
+def open_onnx(spec: dict):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = spec["threads"], 1
+    if spec.get("custom_ops"):
+        from onnxruntime_extensions import get_library_path
+
+        options.register_custom_ops_library(get_library_path())
+    session = ort.InferenceSession(spec["artifact"], options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=spec.get("disabled_optimizers") or [])
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feed = {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in feed.items()}
+        return session.run(names, feed)
+
+    return run, f"onnxruntime {ort.__version__} CPU"
+
+
+def open_pte(spec: dict):
+    """The program through ExecuTorch's runtime bindings (portable_lib, XNNPACK registered),
+    a batch larger than its planned one split as the host's backend splits it."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    from importlib.metadata import version
+
+    portable_lib._unsafe_reset_threadpool(spec["threads"])
+    module = portable_lib._load_for_executorch(spec["artifact"])
+    meta = module.method_meta("forward")
+    bound = min(meta.input_tensor_meta(i).sizes()[0] for i in range(meta.num_inputs()))
+    names = spec["inputs"]
+
+    def execute(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = module.forward([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
+        return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(batch[names[0]])
+        if not spec["batched"] or rows <= bound:
+            return execute(batch)
+        pieces = [execute({n: a[i:i + bound] for n, a in batch.items()}) for i in range(0, rows, bound)]
+        return [np.concatenate(outs) for outs in zip(*pieces)]
+
+    return run, f"executorch {version('executorch')} runtime, XNNPACK"
+
+
+def main() -> int:
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr
+    requests = sys.stdin.buffer
+    spec = json.loads(sys.argv[1])
+    started = time.monotonic()
+    try:
+        run, runtime = (open_onnx if spec["format"] == "onnx" else open_pte)(spec)
+    except Exception as exc:  # the host names the device and the artifact
+        write_frame(protocol, {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+        return 1
+    write_frame(protocol, {"ready": True, "runtime": runtime, "cpu": cpu_features(),
+                           "python": platform.python_version(), "load_seconds": round(time.monotonic() - started, 2)})
+    while (frame := read_frame(requests)) is not None:
+        frame.pop("__meta__", None)
+        try:
+            outputs = run(frame)
+        except Exception as exc:
+            write_frame(protocol, {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+            continue
+        write_frame(protocol, {"outputs": len(outputs)}, {f"o{i}": np.asarray(o) for i, o in enumerate(outputs)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Named device profiles for tests that assert what a kernel computes: the same verdict on every
+build host (an x86 CPU with or without VNNI, an arm64 one), since the profile runs natively only
+where the host is one and under qemu-user elsewhere (stages/runtimes/devices.py)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.runtimes.devices import place, profile
+
+
+def run_on(name: str, fmt: str, artifact: Path, feeds: list[dict[str, np.ndarray]],
+           inputs: list[dict] | None = None) -> list[list[np.ndarray]]:
+    """The artifact's outputs on the named device; a device this host cannot run fails under CI
+    (make test builds the runtimes) and skips elsewhere, with its reason."""
+    placement = place(profile(name), fmt)
+    if not placement.runs:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} cannot run here: {placement.reason}")
+        pytest.skip(f"{name}: {placement.reason}")
+    io = {"inputs": inputs or [{"name": k, "dynamic": {}} for k in feeds[0]]}
+    with placement.session(artifact, io) as session:
+        return session.run_many(feeds)
