@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup web-runtime corpus-deps demo web matrix bench scale corpus test test-all check-artifact \
+.PHONY: help setup web-runtime device-runtimes corpus-deps demo web matrix bench scale corpus test test-all check-artifact \
         cache-list cache-prune clean
 
 help:  ## list the targets
@@ -24,6 +24,9 @@ setup: $(STAMP)  ## create .venv with the pinned versions (requirements.txt)
 web-runtime:  ## Debian's Chromium + onnxruntime-web (web/package-lock.json), for web targets
 	sh web/install.sh
 
+device-runtimes: $(STAMP)  ## emulated ARM64 phones/servers and x86 without VNNI (qemu-user), for verify_target
+	$(PYTHON) devices/install.py
+
 CORPUS_STAMP := $(VENV)/.corpus-installed
 $(CORPUS_STAMP): $(STAMP) requirements-corpus.txt
 	# test-only: transformers for the corpus and the text model; requirements.txt pins torch
@@ -38,7 +41,7 @@ demo: $(STAMP)  ## export the demo model to a verified .pte (recipe android_dev)
 web: $(STAMP) web-runtime  ## export the demo model to a .onnx verified natively and in Chromium (web_dev)
 	$(PY) run.py recipe=web_dev
 
-matrix: $(STAMP) web-runtime  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report (matrix.html)
+matrix: $(STAMP) web-runtime device-runtimes  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report (matrix.html)
 	$(PY) run.py -m recipe=matrix
 
 bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
@@ -54,10 +57,10 @@ corpus: $(CORPUS_STAMP)  ## 14 real architectures x the six cells, the cell tabl
 
 PARALLEL := -n auto --maxprocesses=4 --dist loadfile  # a file's tests share one worker (module fixtures)
 
-test: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite (CI runs this; installs its test-only deps)
+test: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite (CI runs this; installs its test-only deps)
 	$(PY) -m pytest -q $(PARALLEL) --durations=10
 
-test-all: $(STAMP) web-runtime $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
+test-all: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
 	$(PY) -m pytest -q $(PARALLEL) -m "slow or not slow"
 
 check-artifact: $(STAMP)  ## re-run an artifact's test cases: make check-artifact ARTIFACT=path [DEVICE=cortex-a76]

@@ -22,7 +22,7 @@ x86-64 without AVX-512/VNNI is the project's own venv python under `qemu-x86_64 
 executorch.exir) pulls in exir/dynamo/inductor; the lightest import that loads and runs a .pte is
 `import torch; from executorch.extension.pybindings._C import _load_for_executorch` (XNNPACK included).
 
-    python3 devices/install.py           build (idempotent: a ready tree is a no-op)
+    python3 devices/install.py           build (idempotent: a ready tree is a no-op; --force rebuilds)
     python3 devices/install.py --check   smoke test on every emulated CPU model, one table
     from devices.install import runtime_command, ready_tree
 """
@@ -161,6 +161,8 @@ def _clean_env() -> dict[str, str]:
 def runtime_command(arch: str, cpu: str) -> tuple[list[str], dict[str, str]] | str:
     """(argv prefix running a Python for the emulated `cpu` -- append `script.py args...` --, the full
     environment to run it with), or a one-line reason when it cannot run here."""
+    if arch not in ("arm64", "aarch64", "x86_64", "amd64", "x86-64"):
+        return f"no emulated runtime for isa {arch!r} (devices/install.py builds arm64 and x86_64)"
     tree = ready_tree()
     if tree is None:
         return f"no emulated device runtimes are built for this checkout ({root()}): run `make device-runtimes`"
@@ -170,11 +172,9 @@ def runtime_command(arch: str, cpu: str) -> tuple[list[str], dict[str, str]] | s
         env.update(PYTHONPATH=str(sysroot / SITE), LD_LIBRARY_PATH=str(tree / "stubs"))
         return [str(tree / "qemu" / "qemu-aarch64"), "-L", str(sysroot), "-cpu", cpu,
                 str(sysroot / "usr/bin/python3.11")], env
-    if arch in ("x86_64", "amd64", "x86-64"):
-        if not VENV_PYTHON.exists():
-            return f"{VENV_PYTHON} is missing: run `make setup` (then `make device-runtimes`)"
-        return [str(tree / "qemu" / "qemu-x86_64"), "-cpu", cpu, str(VENV_PYTHON)], env
-    return f"no emulated runtime for isa {arch!r} (devices/install.py builds arm64 and x86_64)"
+    if not VENV_PYTHON.exists():  # x86_64: the project's own venv under an older x86 CPU model
+        return f"{VENV_PYTHON} is missing: run `make setup` (then `make device-runtimes`)"
+    return [str(tree / "qemu" / "qemu-x86_64"), "-cpu", cpu, str(VENV_PYTHON)], env
 
 
 # ---------------------------------------------------------------- building
@@ -245,14 +245,17 @@ class PrivateApt:
         return sum(d["size"] for d in todo)
 
 
-def wait_for_venv(timeout: float = 3600) -> None:
+def wait_for_venv(timeout: float = 3600, grace: float = 60) -> None:
+    """The x86 runtime is the project's venv: wait while `make setup` creates it (it may be running
+    beside this), fail at once with the fix when nothing is creating it."""
     if VENV_STAMP.exists():
         return
     log(f"waiting for {VENV_STAMP} (`make setup`)...")
     start = time.time()
     while not VENV_STAMP.exists():
-        if time.time() - start > timeout:
-            raise SystemExit(f"devices/install.py: {VENV_STAMP} did not appear in {timeout:.0f} s: run `make setup`")
+        waited = time.time() - start
+        if waited > timeout or (waited > grace and not VENV_STAMP.parent.exists()):
+            raise SystemExit(f"devices/install.py: {VENV_STAMP} is missing: run `make setup` first")
         time.sleep(5)
 
 
@@ -478,8 +481,23 @@ def build(force: bool = False) -> Path:
         print(f"device runtimes ready: {tree} (nothing to do)")
         return tree
     wait_for_venv()
-    recipe = _recipe()
     base.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(base / ".lock", "w") as lock:  # one build of a root at a time; the next one then finds it ready
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another build of {base} is running: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not force and (tree := ready_tree()):
+                print(f"device runtimes ready: {tree} (built by the other process)")
+                return tree
+        return _build_locked(base, force, start)
+
+
+def _build_locked(base: Path, force: bool, start: float) -> Path:
+    recipe = _recipe()
     cache = base / ".cache"
     log(f"resolving Debian packages (private apt: bookworm arm64, trixie {QEMU_DEB})")
     arm = PrivateApt(cache / "apt-bookworm-arm64", "arm64", BOOKWORM)
@@ -709,6 +727,7 @@ def check() -> int:
                                  r"avx_vnni|avx512_bf16|amx_int8|fma|f16c|avx512_fp16)$")
         for cpu, (arch, r, wall) in results.items():
             feats = " ".join(f for f in r["features"].split() if interesting.match(f)) or "-"
+            feats += f"  [torch: {r.get('capability')}]"
             first = True
             for name, out in r["results"].items():
                 if "error" in out:

@@ -46,6 +46,9 @@ def _layer_to_keep(root: dict[str, Any], run, failed: str, exc: PipelineError) -
     candidates = [exc.module] if exc.module else []
     if failed == "verify":
         candidates += [s["module"] for s in (run.result("verify").get("diagnosis") or {}).get("suspects", [])]
+    if failed == "verify_target":  # each failing device's own diagnosis, in the target's order
+        candidates += [s["module"] for device in (run.result("verify_target").get("devices") or {}).values()
+                       for s in (device.get("diagnosis") or {}).get("suspects", [])]
     return next((c for c in candidates if c and c not in kept), None)
 
 

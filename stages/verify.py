@@ -17,7 +17,7 @@ from pipelines.registry import StageContext, stage
 from pipelines.versions import host_isa
 
 from .support.fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
-from .formats import Job, backend
+from .formats import backend
 from .support.tensors import as_examples, batch_axes, batch_count, batches, dataset_files, synthetic_examples
 
 
@@ -179,13 +179,10 @@ def _write_cases(ctx: StageContext, lower, io, cases: dict[str, Any]) -> dict[st
 
 def _diagnosis(ctx: StageContext, eager, feed, outputs) -> dict[str, Any]:
     """Per-layer errors of quantize's program on one held-out batch (stages/support/diagnose.py)."""
-    from .support.diagnose import diagnose
+    from .support.diagnose import diagnose_program
 
-    quantized = ctx.input("quantize")
-    io = json.loads((quantized.dir / "io.json").read_text())
-    job = Job(quantized.dir, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
     ctx.log.info("    verify: tracing the error to its layers")
-    return diagnose(eager, backend(ctx.cfg.format.name), job, feed, outputs)
+    return diagnose_program(ctx, eager, feed, outputs)
 
 
 def _held_out_report(ctx: StageContext, io, eager, artifact) -> tuple[dict[str, Any], tuple]:

@@ -32,10 +32,15 @@ def _environment(view) -> dict[str, Any]:
     return environment(view["target"]["devices"], view["format"]["name"], view["verify"]["emulate"])
 
 
-@stage("verify_target", needs=lambda view: ("verify", "lower") if any(p.runs for p in _placements(view)) else (),
-       config=("target", "format.name", "precision", "part", "verify.batch_size", "verify.emulate", "benchmark"),
+NEEDS = ("load_checkpoint", "clean_state_dict", "quantize", "lower", "verify")  # the last two to run; all to diagnose
+
+
+@stage("verify_target", needs=lambda view: NEEDS if any(p.runs for p in _placements(view)) else (),
+       config=("target", "format", "precision", "part", "verify.batch_size", "verify.emulate", "verify.diagnose",
+               "benchmark", "model.arch", "model.factory"),
        code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing",
-             "stages.support.raw", "stages.support.streaming", "devices.install"),
+             "stages.support.raw", "stages.support.streaming", "stages.support.diagnose", "stages.support.model_builder",
+             "stages.formats", "stages.upstream", "devices.install"),
        environment=_environment, artifacts=("verify_target.json",))
 def run(ctx: StageContext) -> dict:
     placements = _placements(ctx.cfg)
@@ -82,11 +87,11 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
     ctx.log.info("    verify_target: %s (%s)", placement.device, placement.mode)
     try:
         with placement.session(lower.dir / lower.result["artifact"], io, ctx.cfg.benchmark.threads) as session:
-            report, first = _held_out(ctx, verify.dir, io, session) if not io["internal_state"] else ({}, None)
+            report, first = _held_out(ctx, verify.dir, io, session) if "held_out" in verify.result else ({}, None)
             if io["state"] or io["internal_state"]:
                 report = _stream(verify.dir, io, session, tolerance, report)
             if placement.mode == "browser":
-                report["latency"] = _latency(ctx, first if "processing" in io else None, io, session)
+                report["latency"] = _latency(ctx, first[0] if "processing" in io else None, io, session)
             described = session.describe()
             cpu = getattr(session, "cpu", None)
     except (DeviceError, BrowserUnavailable) as exc:
@@ -95,6 +100,13 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
     passed, reason = check(report, tolerance) if "held_out" in report else (True, "")
     if passed and "stream" in report:
         passed, reason = report["stream"]["passed"], report["stream"]["reason"]
+    mode = ctx.cfg.verify.diagnose
+    if first and "processing" not in io and not io["state"] and (mode == "always" or mode == "on_failure" and not passed):
+        from .support.diagnose import describe
+
+        report["diagnosis"] = _diagnosis(ctx, placement, *first)
+        if not passed:
+            reason += f"; {describe(report['diagnosis'])}"
     worst = max(o["max_abs"] for o in report["outputs"].values())
     return {"status": "pass" if passed else "fail", "passed": passed, "mode": placement.mode,
             "runtime": described, **({"cpu": cpu} if cpu else {}),
@@ -102,22 +114,41 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 2)}
 
 
+def _diagnosis(ctx: StageContext, placement, feed, outputs) -> dict[str, Any]:
+    """Where the device departs: quantize's program layer by layer, its prefixes bisected in
+    the device's own runtime (stages/support/diagnose.py)."""
+    import contextlib
+
+    from .support.diagnose import diagnose_program
+    from .support.model_builder import load_part
+
+    ctx.log.info("    verify_target: tracing %s's error to its layers", placement.device)
+    clean = ctx.input("clean_state_dict")
+    eager = load_part(ctx.cfg.model, ctx.cfg.part, clean.dir / clean.result["weights"],
+                      ctx.input("load_checkpoint").result["config"], strict=clean.result["strict"])
+    with contextlib.ExitStack() as sessions:
+        def runner(artifact, io):
+            return sessions.enter_context(placement.session(artifact, io, ctx.cfg.benchmark.threads)).run
+
+        return diagnose_program(ctx, eager, feed, outputs, runner)
+
+
 def _held_out(ctx: StageContext, verify_dir, io, session) -> tuple[dict[str, Any], dict]:
-    """The device's outputs on verify's held-out inputs, judged; and the first feed."""
+    """The device's outputs on verify's held-out inputs, judged; and the first feed with them."""
     if "processing" in io:  # verify kept the feeds after the app's own steps, and eager's outputs
         from .support.raw import HELD_OUT_RAW, judge_raw, load_held_out as load_raw
 
         feeds, eager_outputs, labels = load_raw(verify_dir / HELD_OUT_RAW)
         actual = session.run_many(feeds)
         return ({"held_out": "verify's", **judge_raw(eager_outputs, [dict(zip(io["outputs"], a)) for a in actual],
-                                                     labels)}, feeds[0])
+                                                     labels)}, (feeds[0], actual[0]))
     examples, eager, labels = load_held_out(verify_dir / HELD_OUT)
     feeds = list(batches(examples, io["inputs"], ctx.cfg.verify.batch_size))
     actual = session.run_many(feeds)
     return {"held_out": "verify's", **judge(
         [[eager[name] for name in io["outputs"]]],
         [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
-        io["outputs"], class_scores(ctx.cfg.part, io), labels)}, feeds[0]
+        io["outputs"], class_scores(ctx.cfg.part, io), labels)}, (feeds[0], actual[0])
 
 
 def _stream(verify_dir, io, session, tolerance, report: dict[str, Any]) -> dict[str, Any]:

@@ -87,3 +87,79 @@ def test_the_target_verdict_is_the_conjunction_of_its_devices():
     partial = _verdict("t", {"a": ok, "c": skipped})
     assert partial["status"] == "partial" and partial["passed"] and "c SKIPPED (run make device-runtimes)" in partial["reason"]
     assert _verdict("t", {"w": {"status": "n/a", "reason": ""}})["status"] == "n/a"
+
+
+# --- on the devices themselves (emulated here unless the host is one) -------------------------
+
+@pytest.fixture(scope="module")
+def run_on_devices(tmp_path_factory):
+    """The chain on a test model with its target's devices really run; the verify_target report."""
+    import logging
+
+    import stages  # noqa: F401  registers the stages
+    from pipelines.runner import Runner
+    from tests.tiny import write_checkpoint
+    from tests.tiny_stateful import write_checkpoint as write_stream
+
+    root = tmp_path_factory.mktemp("devices")
+    checkpoints = {"tiny": write_checkpoint(root / "tiny.pt"), "tiny_stream": write_stream(root / "stream.pt")}
+    runs = iter(range(100))
+
+    def run(model: str, *overrides: str) -> tuple[dict, Path]:
+        cfg = compose_config(f"model={model}", f"model.checkpoint={checkpoints[model]}", f"cache.dir={root / 'cache'}",
+                             "verify.emulate=true", "calibration=synthetic", *overrides)
+        run_dir = root / f"run{next(runs)}"
+        run_dir.mkdir()
+        part = Runner(cfg, run_dir, logging.getLogger("test")).run()[0]
+        assert part.status == "pass", part.error
+        return json.loads((run_dir / "artifacts" / part.part / "verify_target.json").read_text()), run_dir
+
+    return run
+
+
+def _require(report: dict) -> dict:
+    """The devices' reports; under CI a device that could not run fails the test (make test builds
+    the runtimes), elsewhere it skips with the reason."""
+    import os
+
+    skipped = {n: d["reason"] for n, d in report["devices"].items() if d["status"] == "skipped"}
+    if skipped:
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"devices skipped: {skipped}")
+    return report["devices"]
+
+
+def test_int8_pte_passes_on_both_phone_cores_each_with_its_own_int8_path(run_on_devices):
+    report, run_dir = run_on_devices("tiny", "target=android", "format=pte", "precision=int8")
+    found = _require(report)
+    assert report["status"] == "pass" and set(found) == {"cortex-a76", "cortex-a53"}
+    for device in found.values():
+        assert device["passed"] and device["top1_agreement"]["logits"] >= 0.9
+    assert {"asimddp", "asimdhp"} <= set(found["cortex-a76"]["cpu"]["flags"])  # sdot, native fp16
+    assert not {"asimddp", "asimdhp"} & set(found["cortex-a53"]["cpu"]["flags"])  # ARMv8.0
+
+
+def test_check_artifact_runs_the_bundled_cases_on_a_device(run_on_devices, capsys):
+    from pipelines.check_artifact import main
+
+    report, run_dir = run_on_devices("tiny", "target=android", "format=pte", "precision=int8")
+    _require(report)
+    assert main([str(run_dir / "artifacts" / "net"), "--device", "cortex-a53"]) == 0
+    assert "on cortex-a53 (3 cases" in capsys.readouterr().out
+
+
+def test_fp16_on_a_v82_core_is_computed_in_fp16(run_on_devices):
+    """x86 (and the v8.0 core) compute an fp16 program's arithmetic in fp32; a v8.2 core does it
+    in fp16: its outputs are its own, still within the fp16 tolerance."""
+    report, run_dir = run_on_devices("tiny", "target=android", "format=pte", "precision=fp16")
+    found = _require(report)
+    assert report["status"] == "pass"
+    verify = json.loads((run_dir / "artifacts" / "net" / "verify.json").read_text())
+    host = verify["outputs"]["logits"]["max_abs"]
+    assert found["cortex-a76"]["outputs"]["logits"]["max_abs"] != host
+
+
+def test_a_stateful_part_is_streamed_on_the_phone_and_in_the_browser(run_on_devices):
+    pte, _ = run_on_devices("tiny_stream", "target=android", "format=pte", "precision=fp32")
+    web, _ = run_on_devices("tiny_stream", "target=web", "format=onnx", "precision=fp32")
+    for device in [*_require(pte).values(), *_require(web).values()]:
+        assert device["passed"] and device["stream"]["chunks"] == 24 and device["stream"]["max_abs"] < 1e-4

@@ -18,8 +18,8 @@ Each backend module defines:
                                              the runtime's kernels): fn(feed) -> (outputs,
                                              {module: its output}, {module: its output as the
                                              next layer reads it}); types: module -> class
-    prefix(job, module) -> Callable          the program up to a module's output, built and run
-                                             as the artifact is: fn(feed) -> that output
+    prefix_artifact(job, module) -> Path     the program up to a module's output, built as the
+                                             artifact is, a file in job.workdir for load()
 
 Adding a format is one new module here and one file in conf/format/.
 """

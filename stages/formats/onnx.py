@@ -444,16 +444,14 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     return run, types
 
 
-def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The graph up to `module`'s output, run by onnxruntime as the artifact is (optimised)."""
-    import onnx
-
+def prefix_artifact(job: Job, module: str) -> Path:
+    """The graph up to `module`'s output as a file in job.workdir, to run as the artifact is."""
     from . import onnx_graph
 
     model = load_graph(job.source / GRAPH)
-    part = session(onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module]))
-    names = [i.name for i in part.get_inputs()]
-    return lambda feed: part.run(None, {n: feed[n] for n in names})[0].astype(np.float32)
+    path = job.workdir / f"prefix{SUFFIX}"
+    _save(onnx_graph.prefix(model, onnx_graph.module_outputs(model)[module]), path)
+    return path
 
 
 def inspect(artifact: Path) -> dict[str, Any]:

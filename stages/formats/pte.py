@@ -240,21 +240,13 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     return run, types
 
 
-def prefix(job: Job, module: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The program up to `module`'s output, lowered like the artifact and run in ExecuTorch."""
-    from executorch.runtime import Runtime
-
+def prefix_artifact(job: Job, module: str) -> Path:
+    """The program up to `module`'s output, lowered like the artifact, as a file in job.workdir."""
     graph_module = torch.export.load(job.source / PROGRAM).module()
     with_outputs(graph_module, [requantized(module_outputs(graph_module.graph)[module])], replace=True)
     path = job.workdir / f"prefix{SUFFIX}"
     _to_executorch([reexport(graph_module, job.io["inputs"])], job.fmt, path)
-    method = Runtime.get().load_program(path).load_method("forward")
-
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = [torch.from_numpy(np.ascontiguousarray(feed[spec["name"]])) for spec in job.io["inputs"]]
-        return method.execute(inputs)[0].float().numpy()
-
-    return run
+    return path
 
 
 def _mutable_buffers(program: torch.export.ExportedProgram) -> list[str]:

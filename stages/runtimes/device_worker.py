@@ -67,25 +67,34 @@ def open_onnx(spec: dict):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = spec["threads"], 1
     if spec.get("custom_ops"):
-        from onnxruntime_extensions import get_library_path
-
-        options.register_custom_ops_library(get_library_path())
+        options.register_custom_ops_library(_extensions_library())
     session = ort.InferenceSession(spec["artifact"], options, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=spec.get("disabled_optimizers") or [])
-    names = [o.name for o in session.get_outputs()]
+    names, inputs = [o.name for o in session.get_outputs()], [i.name for i in session.get_inputs()]
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        feed = {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in feed.items()}
-        return session.run(names, feed)
+        return session.run(names, {k: (feed[k].astype(object) if feed[k].dtype.kind == "U" else feed[k])
+                                   for k in inputs})
 
     return run, f"onnxruntime {ort.__version__} CPU"
 
 
+def _extensions_library() -> str:
+    """onnxruntime-extensions' custom-op library, found without importing its package (whose
+    __init__ imports onnx and more: 30 s on an emulated x86 CPU)."""
+    import glob
+    from importlib.util import find_spec
+
+    package = find_spec("onnxruntime_extensions").submodule_search_locations[0]
+    return glob.glob(os.path.join(package, "_extensions_pydll*.so"))[0]
+
+
 def open_pte(spec: dict):
-    """The program through ExecuTorch's runtime bindings (portable_lib, XNNPACK registered),
-    a batch larger than its planned one split as the host's backend splits it."""
+    """The program through ExecuTorch's runtime bindings (XNNPACK registered), a batch larger than
+    its planned one split as the host's backend splits it. The bindings' extension itself, not
+    portable_lib, which imports the exir compiler stack (sympy and more: 30 s emulated)."""
     import torch
-    from executorch.extension.pybindings import portable_lib
+    from executorch.extension.pybindings import _C as portable_lib
 
     from importlib.metadata import version
 

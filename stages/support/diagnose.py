@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -34,9 +34,14 @@ def relative(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-12))
 
 
+Runner = Callable[[Path, dict[str, Any]], Callable[[dict[str, np.ndarray]], list[np.ndarray]]]
+
+
 def diagnose(part: torch.nn.Module, backend, job: Job, feed: dict[str, np.ndarray],
-             runtime_outputs: list[np.ndarray]) -> dict[str, Any]:
-    """Per-module errors of the artifact's program, its suspects, and where its runtime diverges."""
+             runtime_outputs: list[np.ndarray], runner: Runner | None = None) -> dict[str, Any]:
+    """Per-module errors of the artifact's program, its suspects, and where its runtime diverges;
+    `runner(artifact, io) -> fn(feed) -> outputs` runs the prefixes where the artifact ran (a
+    device's runtime; by default the host's, backend.load)."""
     eager_outputs, eager_points = eager_modules(part, job.io["inputs"], feed)
     if not eager_points:
         return {"layers": [], "suspects": [], "note": "the part has no sub-modules to compare"}
@@ -52,11 +57,26 @@ def diagnose(part: torch.nn.Module, backend, job: Job, feed: dict[str, np.ndarra
         "layers": layers, "suspects": jumps(layers)}
     divergence = _worst(runtime_outputs, reference_outputs)
     if layers and divergence > max(FLOOR, report["reference_error"]):
-        at = _first_divergence(backend, job, feed, layers, next_reads, divergence / 4)
+        at = _first_divergence(backend, job, feed, layers, next_reads, divergence / 4,
+                               runner or (lambda path, io: backend.load(path, io)))
         report["runtime_diverges_at"] = at
         if at.get("module"):
             report["suspects"] = [at] + [s for s in report["suspects"] if s["module"] != at["module"]]
     return report
+
+
+def diagnose_program(ctx, eager: torch.nn.Module, feed: dict[str, np.ndarray], outputs: list[np.ndarray],
+                     runner: Runner | None = None) -> dict[str, Any]:
+    """diagnose() for a stage whose inputs hold quantize's program: its per-layer errors on
+    `feed` and, where `outputs` (the artifact's, where it ran) leave it, the first module there."""
+    import json
+
+    from ..formats import Job, backend
+
+    quantized = ctx.input("quantize")
+    io = json.loads((quantized.dir / "io.json").read_text())
+    job = Job(quantized.dir, io, ctx.cfg.precision.name, ctx.cfg.format, None, None, ctx.workdir)
+    return diagnose(eager, backend(ctx.cfg.format.name), job, feed, outputs, runner)
 
 
 def eager_modules(part: torch.nn.Module, specs: list[Mapping[str, Any]], feed: dict[str, np.ndarray]
@@ -107,7 +127,8 @@ def describe(report: Mapping[str, Any]) -> str:
     return text + (f"; then {', '.join(s['module'] for s in suspects[1:3])}" if len(suspects) > 1 else "")
 
 
-def _first_divergence(backend, job: Job, feed, layers, reference_points, threshold: float) -> dict[str, Any]:
+def _first_divergence(backend, job: Job, feed, layers, reference_points, threshold: float,
+                      runner: Runner) -> dict[str, Any]:
     """Bisect the modules (in order) for the first whose runtime prefix leaves the program's
     arithmetic by more than threshold; each step builds and runs one prefix artifact."""
     modules = [layer["module"] for layer in layers]
@@ -119,7 +140,9 @@ def _first_divergence(backend, job: Job, feed, layers, reference_points, thresho
         def diverges(index: int) -> bool:
             module = modules[index]
             if module not in errors:
-                errors[module] = relative(backend.prefix(probe, module)(feed), reference_points[module])
+                path = backend.prefix_artifact(probe, module)
+                output = runner(path, {"inputs": job.io["inputs"], "outputs": ["prefix"]})(feed)[0]
+                errors[module] = relative(np.asarray(output, np.float32), reference_points[module])
             return errors[module] > threshold
 
         low, high = 0, len(modules) - 1

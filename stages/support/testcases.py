@@ -191,14 +191,15 @@ def _check_on_device(artifact: Path, device: Mapping[str, Any]) -> dict[str, Any
             model.write_bytes(program.tobytes())
             cases = [(case, meta["tolerance"], dict(zip(meta["inputs"], inputs)), list(zip(meta["outputs"], expected)))
                      for case, (inputs, expected) in enumerate(suites[meta["method"]])]
-        results = []
-        for case, tolerance, feed, wanted in cases:
-            try:
-                with placement.session(model, {"inputs": [{"name": n, "dynamic": {}} for n in feed]}) as session:
+        results, doing = [], "cannot load it"
+        try:  # one session: a program with state carries one case only (the first call after loading)
+            with placement.session(model, {"inputs": [{"name": n, "dynamic": {}} for n in cases[0][2]]}) as session:
+                for case, tolerance, feed, wanted in cases:
+                    doing = f"failed on case {case}"
                     actual = session.run(feed)
-            except Exception as exc:  # the device's runtime: DeviceError, or a native session's own
-                return _judge(results, f"case {case}: {device['name']} failed to run it: {first_line(exc)}")
-            results.append((case, tolerance, [(name, want, got) for (name, want), got in zip(wanted, actual)]))
+                    results.append((case, tolerance, [(name, want, got) for (name, want), got in zip(wanted, actual)]))
+        except Exception as exc:  # the device's runtime: DeviceError, or a native session's own
+            return _judge(results, f"{device['name']} {doing}: {first_line(exc)}")
     return _judge(results)
 
 
