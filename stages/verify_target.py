@@ -35,7 +35,7 @@ def _environment(view) -> dict[str, Any]:
 NEEDS = ("load_checkpoint", "clean_state_dict", "quantize", "lower", "verify")  # the last two to run; all to diagnose
 
 
-@stage("verify_target", needs=lambda view: NEEDS if any(p.runs for p in _placements(view)) else (),
+@stage("verify_target", needs=lambda view: NEEDS if any(p.mode != "n/a" for p in _placements(view)) else (),
        config=("target", "format", "precision", "part", "verify.batch_size", "verify.emulate", "verify.diagnose",
                "benchmark", "model.arch", "model.factory"),
        code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing",

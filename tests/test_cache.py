@@ -52,7 +52,7 @@ def test_changing_one_stage_config_recomputes_it_and_what_follows_not_what_prece
     run_tiny("format=pte")
     changed = run_tiny("format=pte", "quantize.per_channel=false")
     expected_hits = {"load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert",
-                     "baseline", "verify_target"}  # eager timing and a server's target check: untouched
+                     "baseline"}  # eager timing: untouched; the devices check the new artifact
     assert {s for s, hit in hits(changed).items() if hit} == expected_hits
     assert calls["quantize"] == 2 and calls["wrap"] == 1
 
@@ -60,7 +60,7 @@ def test_changing_one_stage_config_recomputes_it_and_what_follows_not_what_prece
 def test_changing_verify_config_recomputes_only_verify(run_tiny, calls):
     run_tiny()
     changed = run_tiny("verify.seed=7")
-    assert [s for s, hit in hits(changed).items() if not hit] == ["verify"]
+    assert [s for s, hit in hits(changed).items() if not hit] == ["verify", "verify_target"]  # its inputs
 
 
 def test_new_checkpoint_bytes_recompute_everything_that_reads_weights(run_tiny, tmp_path, calls):
@@ -69,9 +69,8 @@ def test_new_checkpoint_bytes_recompute_everything_that_reads_weights(run_tiny, 
     run_tiny()
     other = run_tiny(checkpoint=write_checkpoint(tmp_path / "tiny.pt", seed=1))
     # same path, new bytes: every stage downstream of the weights runs again; the calibration
-    # inputs are data, not weights, and a server target has no runtime of its own to check in,
-    # so those two entries are legitimately reused
-    assert [s for s, hit in hits(other).items() if hit] == ["calibrate", "verify_target"]
+    # inputs are data, not weights, so that entry is legitimately reused
+    assert [s for s, hit in hits(other).items() if hit] == ["calibrate"]
     assert calls["load_checkpoint"] == 2 and calls["lower"] == 2
 
 
@@ -132,4 +131,4 @@ def test_calibration_changes_recompute_only_the_cells_that_use_it(run_tiny, call
     int8 = run_tiny("precision=int8", "calibration.samples=16")
     # the samples=16 calibration entry was made by the fp32 run above and is shared
     assert {s for s, hit in hits(int8).items() if not hit} == {"quantize", "preprocess", "lower", "verify",
-                                                              "benchmark", "size_audit"}
+                                                              "verify_target", "benchmark", "size_audit"}

@@ -71,12 +71,13 @@ def _rows(root: Path, new_keys: bool = True) -> list[dict]:
                  "diagnosis": f"{SUSPECT} (Conv2d): precision lost here" if cell[2] == "fail" else None}
         extra["speedup"] = extra["eager_p50_ms"] / extra["latency_p50_ms"]
         if target:
-            extra.update(target_status=target[0], target_reason=target[1],
-                         target_runtime="onnxruntime-web 1.30.0 wasm, Chromium 156")
+            web = {"status": target[0], "reason": target[1], "mode": "browser",
+                   "runtime": "onnxruntime-web 1.30.0 wasm, Chromium 156", "cpu_flags": []}
             if target[0] != "skipped":
-                extra.update(target_max_abs=3e-6, target_cosine=0.99999, target_p50_ms=0.6)
+                web.update(max_abs=3e-6, cosine=0.99999, top1_agreement=1.0, p50_ms=0.6)
+            extra.update(target_status=target[0], target_reason=target[1], devices={"chromium-wasm": web})
         for key, value in extra.items():
-            if new_keys and row.get(key) is None:
+            if new_keys and not row.get(key):
                 row[key] = value
     return rows
 

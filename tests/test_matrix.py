@@ -64,14 +64,21 @@ def test_every_cell_is_timed_and_every_onnx_cell_verified_in_the_browser(sweep):
     for row in rows:
         assert row["latency_p50_ms"] > 0 and row["eager_p50_ms"] > 0 and row["threads"] == 1
         assert row["speedup"] == pytest.approx(row["eager_p50_ms"] / row["latency_p50_ms"], rel=1e-2)
+        devices = row["devices"]
+        assert set(devices) == {"x86-64-vnni", "x86-64-avx2", "cortex-a76", "cortex-a53", "chromium-wasm"}
+        assert row["target_status"] in ("pass", "partial"), row["target_reason"]  # emulated ones: NATIVE_ONLY
+        for name, device in devices.items():
+            if device["status"] == "skipped" and name != "chromium-wasm":
+                assert "verify.emulate=false" in device["reason"] or "qemu-user cannot emulate" in device["reason"]
+        web = devices["chromium-wasm"]
         if row["format"] == "pte":
-            assert row["target_status"] == "n/a"
+            assert web["status"] == "n/a"
         elif browser.available() is None:  # Chromium and onnxruntime-web installed (make test does)
-            assert row["target_status"] == "pass", row["target_reason"]
-            assert "onnxruntime-web" in row["target_runtime"] and "wasm" in row["target_runtime"]
-            assert row["target_p50_ms"] > 0 and row["target_cosine"] > 0.98
+            assert web["status"] == "pass", web["reason"]
+            assert "onnxruntime-web" in web["runtime"] and "wasm" in web["runtime"]
+            assert web["p50_ms"] > 0 and web["cosine"] > 0.98
         else:
-            assert row["target_status"] == "skipped" and row["target_reason"] == browser.available()
+            assert web["status"] == "skipped" and web["reason"] == browser.available()
 
 
 def test_matrix_html_opens_in_chromium_with_every_cell(sweep, tmp_path):
