@@ -129,6 +129,7 @@ class ToleranceOverride:
     null switches that check off."""
 
     max_abs: Optional[float] = MISSING
+    max_rel: Optional[float] = MISSING
     mean_abs: Optional[float] = MISSING
     min_cosine: Optional[float] = MISSING
     max_accuracy_drop: Optional[float] = MISSING
@@ -190,6 +191,9 @@ class ModelConfig:
 @dataclass
 class Tolerance:
     max_abs: Optional[float] = 1e-4
+    # the largest error as a fraction of the output's largest eager magnitude (scale-free: what
+    # an fp16 device's own arithmetic is judged by)
+    max_rel: Optional[float] = None
     mean_abs: Optional[float] = None
     min_cosine: Optional[float] = 0.999
     max_accuracy_drop: Optional[float] = None  # percentage points, for models with labels

@@ -46,17 +46,24 @@ def judge(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], outp
 
 
 def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """max abs, mean abs and cosine similarity of two outputs (float64 arithmetic)."""
+    """max abs, max abs relative to the largest expected magnitude, mean abs and cosine
+    similarity of two outputs (float64 arithmetic)."""
     e = expected.astype(np.float64).ravel()
     a = actual.astype(np.float64).ravel()
     if e.shape != a.shape:
-        return {"max_abs": float("inf"), "mean_abs": float("inf"), "cosine": 0.0,
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "mean_abs": float("inf"), "cosine": 0.0,
                 "shape_mismatch": [list(expected.shape), list(actual.shape)]}
     diff = np.abs(e - a)
     norm = np.linalg.norm(e) * np.linalg.norm(a)
     cosine = float(e @ a / norm) if norm > 0 else float(np.array_equal(e, a))
-    return {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0,
-            "cosine": cosine}
+    worst = float(diff.max(initial=0.0))
+    return {"max_abs": worst, "max_rel": relative_to(worst, float(np.abs(e).max(initial=0.0))),
+            "mean_abs": float(diff.mean()) if diff.size else 0.0, "cosine": cosine}
+
+
+def relative_to(error: float, scale: float) -> float:
+    """error / scale, 0 for no error, inf for an error on an all-zero output."""
+    return 0.0 if error == 0 else error / scale if scale > 0 else float("inf")
 
 
 SCORE_NAMES = re.compile(r"logit|score|prob", re.IGNORECASE)
@@ -103,6 +110,9 @@ def check(report: dict[str, Any], tol) -> tuple[bool, str]:
             return False, f"output '{name}' has shape {m['shape_mismatch'][1]}, eager gives {m['shape_mismatch'][0]}"
         if tol.max_abs is not None and not m["max_abs"] <= tol.max_abs:
             return False, f"output '{name}' max abs error {m['max_abs']:.3g} > {tol.max_abs:g}"
+        if tol.get("max_rel") is not None and not m.get("max_rel", 0.0) <= tol.max_rel:
+            return False, (f"output '{name}' max abs error {m['max_abs']:.3g} is {m['max_rel']:.2e} of its "
+                           f"largest value > {tol.max_rel:g}")
         if tol.mean_abs is not None and not m["mean_abs"] <= tol.mean_abs:
             return False, f"output '{name}' mean abs error {m['mean_abs']:.3g} > {tol.mean_abs:g}"
         if tol.min_cosine is not None and not m["cosine"] >= tol.min_cosine:

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 
-from .fidelity import check, compare
+from .fidelity import check, compare, relative_to
 from .tensors import NUMPY_DTYPES, integer_range
 
 Step = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feed -> outputs, in io order
@@ -119,6 +119,10 @@ def judge_stream(expected: list[Mapping[str, np.ndarray]], actual: list[Mapping[
                  names: list[str], tolerance) -> dict[str, Any]:
     """Chunk by chunk, every output within the tolerance; the first chunk that is not is the reason."""
     per_chunk = [{n: compare(e[n], a[n]) for n in names} for e, a in zip(expected, actual)]
+    scale = {n: max(float(np.abs(e[n]).max(initial=0.0)) for e in expected) for n in names}
+    for chunk in per_chunk:  # relative to the stream's scale: a chunk near zero is not all error
+        for n, m in chunk.items():
+            m["max_rel"] = relative_to(m["max_abs"], scale[n])
     errors = [max(m["max_abs"] for m in chunk.values()) for chunk in per_chunk]
     verdicts = [check({"outputs": chunk}, tolerance) for chunk in per_chunk]
     failed = next((k for k, (ok, _) in enumerate(verdicts) if not ok), None)
