@@ -56,10 +56,35 @@ UNPINNED_WHEELS = ("typing_extensions",)  # at the version the host venv resolve
 # arm64 Debian 12 packages asked for; apt resolves the rest of their dependencies
 ARM64_DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libstdc++6",
               "libgcc-s1", "zlib1g", "libexpat1", "libffi8", "libssl3", "libatomic1")
-BOOKWORM = ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main\n"
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main\n"
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main\n")
-TRIXIE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+def _host_mirrors() -> tuple[str, str]:
+    """(the Debian archive, its security archive) this host's apt is configured with: the private
+    apt configurations below use the same mirrors, never a hard-coded one."""
+    uris: list[str] = []
+    for path in sorted(Path("/etc/apt").glob("sources.list.d/*.sources")):
+        uris += [u for line in path.read_text().splitlines() if line.startswith("URIs:") for u in line.split()[1:]]
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt").glob("sources.list.d/*.list"))]:
+        if path.is_file():
+            uris += [line.split()[1] for line in path.read_text().splitlines()
+                     if line.startswith("deb ") and "[" not in line.split()[1]]
+    archive = next((u for u in uris if "security" not in u), None)
+    security = next((u for u in uris if "security" in u), None)
+    if not archive or not security:
+        sys.exit("devices/install.py: no Debian archive and security archive in /etc/apt's sources: "
+                 "configure apt for Debian 12 (bookworm) first")
+    return archive.rstrip("/"), security.rstrip("/")
+
+
+def _sources(suite: str) -> str:
+    archive, security = _host_mirrors()
+    lines = [f"{archive} {suite} main"]
+    if suite == "bookworm":
+        lines += [f"{archive} bookworm-updates main", f"{security} bookworm-security main"]
+    return "".join(f"deb [signed-by={KEYRING}] {line}\n" for line in lines)
+
+
 QEMU_DEB = "qemu-user"
 QEMU_BINARIES = ("qemu-aarch64", "qemu-x86_64")
 CROSS_GCC = "aarch64-linux-gnu-gcc"
@@ -500,8 +525,8 @@ def _build_locked(base: Path, force: bool, start: float) -> Path:
     recipe = _recipe()
     cache = base / ".cache"
     log(f"resolving Debian packages (private apt: bookworm arm64, trixie {QEMU_DEB})")
-    arm = PrivateApt(cache / "apt-bookworm-arm64", "arm64", BOOKWORM)
-    tri = PrivateApt(cache / "apt-trixie-amd64", "amd64", TRIXIE)
+    arm = PrivateApt(cache / "apt-bookworm-arm64", "arm64", _sources("bookworm"))
+    tri = PrivateApt(cache / "apt-trixie-amd64", "amd64", _sources("trixie"))
     arm.update()
     tri.update()
     arm_debs = arm.resolve(ARM64_DEBS)

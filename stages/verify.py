@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> dict:
         report["diagnosis"] = _diagnosis(ctx, eager, *first)
         if not report["passed"]:
             report["reason"] += f"; {describe(report['diagnosis'])}"
-    report["runtime"] = fmt.runtime(as_written)
+    report["runtime"], report["host_kernels"] = fmt.runtime(as_written), not as_written
     if cases:
         del eager, step, artifact  # a bundle copies the whole program: not beside two more copies
         release()
