@@ -35,7 +35,7 @@ $(CORPUS_STAMP): $(STAMP) requirements-corpus.txt
 
 corpus-deps: $(CORPUS_STAMP)  ## transformers & co. (requirements-corpus.txt), for the corpus and text_bert
 
-demo: $(STAMP)  ## export the demo model to a verified .pte (recipe android_dev)
+demo: $(STAMP) device-runtimes  ## export the demo model to a verified .pte (recipe android_dev)
 	$(PY) run.py recipe=android_dev
 
 web: $(STAMP) web-runtime  ## export the demo model to a .onnx verified natively and in Chromium (web_dev)
