@@ -1,11 +1,11 @@
-"""Runtimes a target ships that differ from the host's: each module runs an artifact there.
+"""Where an artifact runs besides the host's own runtime: the devices a target ships to.
 
-A runtime module defines:
-    available() -> str | None        None when it can run here, else the one-line reason
-    environment() -> dict            what its results depend on (versions), for the cache key
-    session(artifact, threads)       a session (a context manager) with run_many(feeds) ->
-                                     [[outputs]], latency(feed, warmup, runs) -> [ms] and
-                                     describe() -> str (runtime, version, backend, threads)
+    devices.py        each device of conf/target/<name>.yaml placed on this host: native,
+                      emulated (qemu-user), browser, or skipped with its reason; its session
+    emulated.py       a session in a device's own Python under qemu-user (devices/install.py)
+    device_worker.py  what runs inside it: the format's runtime, nothing of the project
+    browser.py        onnxruntime-web's wasm in headless Chromium (web/install.sh)
 
-conf/target/<name>.yaml maps a format to one (`runtime: {onnx: browser}`).
+A session is a context manager with run(feed) -> outputs, run_many(feeds) -> [[outputs]] and
+describe() -> str (runtime, version, where); the browser's also latency(feed, warmup, runs).
 """
