@@ -14,7 +14,7 @@ from pipelines.errors import PipelineError, root_cause
 from pipelines.logs import progress
 from pipelines.memory import release
 from pipelines.registry import StageContext, stage
-from pipelines.versions import host_isa
+from pipelines.versions import host_cpu, host_isa
 
 from .support.fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
 from .formats import backend
@@ -29,12 +29,23 @@ def _reads(view) -> list[str]:
     return dataset_files(view["part"]["eval_data"]) + signal + raw
 
 
+def _environment(view) -> dict[str, Any]:
+    """What verify's figures depend on besides its inputs: this host's instruction set, and where
+    it runs the artifact on its own fused kernels (a host of the target's isa) their CPU features,
+    so a shared cache never gives one CPU's figures to another (verify_target takes them as a
+    native device's)."""
+    isa = host_isa()
+    if isa not in list(view["target"]["isa"]):
+        return {"isa": isa}
+    return {"isa": isa, **{k: v for k, v in host_cpu().items() if k not in ("machine", "model", "cores")}}
+
+
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
        config=("verify", "precision", "format", "target.isa", "model.arch", "model.factory", "part"),
        code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.streaming",
              "stages.support.diagnose", "stages.upstream", "stages.support.fidelity", "stages.support.testcases",
              "stages.support.raw", "stages.processing"),
-       reads=_reads, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
+       reads=_reads, environment=_environment, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
 def run(ctx: StageContext) -> dict:
     from .support.model_builder import as_step, load_part
 

@@ -132,3 +132,21 @@ def test_calibration_changes_recompute_only_the_cells_that_use_it(run_tiny, call
     # the samples=16 calibration entry was made by the fp32 run above and is shared
     assert {s for s, hit in hits(int8).items() if not hit} == {"quantize", "preprocess", "lower", "verify",
                                                               "verify_target", "benchmark", "size_audit"}
+
+
+def test_another_host_on_a_shared_cache_recomputes_what_its_cpu_decides(run_tiny, monkeypatch, calls):
+    """verify runs a server artifact on the host's own int8 kernels: a host whose CPU differs
+    (VNNI or not) gets its own verify and device check, and reuses every stage before them."""
+    import stages.verify
+    from pipelines import versions
+    from stages.runtimes import devices
+
+    first = run_tiny("precision=int8")
+    this = versions.host_cpu()
+    other = {**this, "model": "another CPU", "vnni": not this["vnni"], "avx512": not this["avx512"]}
+    monkeypatch.setattr(stages.verify, "host_cpu", lambda: other)
+    monkeypatch.setattr(devices, "host_cpu", lambda: other)
+    second = run_tiny("precision=int8")
+    missed = [s for s, hit in hits(second).items() if not hit]
+    assert first.status == second.status == "pass" and missed == ["verify", "verify_target"]
+    assert calls["verify"] == 2 and calls["lower"] == 1
