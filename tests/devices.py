@@ -18,9 +18,13 @@ def run_on(name: str, fmt: str, artifact: Path, feeds: list[dict[str, np.ndarray
     (make test builds the runtimes) and skips elsewhere, with its reason."""
     placement = place(profile(name), fmt)
     if not placement.runs:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} cannot run here: {placement.reason}")
-        pytest.skip(f"{name}: {placement.reason}")
+        unavailable(f"{name}: {placement.reason}")
     io = {"inputs": inputs or [{"name": k, "dynamic": {}} for k in feeds[0]]}
     with placement.session(artifact, io) as session:
         return session.run_many(feeds)
+
+
+def unavailable(reason: str) -> None:
+    """A device that cannot run here fails the test under CI (make test builds the runtimes)
+    and skips it elsewhere, with the reason."""
+    (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)

@@ -319,26 +319,13 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
+    from ..runtimes.device_worker import dynamic_batch, pte_runner
+
     if threads:
         _unsafe_reset_threadpool(threads)  # XNNPACK's pool: every call of this process
     method = Runtime.get().load_program(Path(artifact)).load_method("forward")
-    names = [spec["name"] for spec in io["inputs"]]
-    meta = method.metadata
-    bound = min(meta.input_tensor_meta(i).sizes()[0] for i in range(meta.num_inputs()))
-    batched = all("0" in map(str, spec["dynamic"]) for spec in io["inputs"])
-
-    def execute(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = method.execute([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
-        return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
-
-    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        rows = len(batch[names[0]])
-        if not batched or rows <= bound:
-            return execute(batch)
-        pieces = [execute({n: a[i:i + bound] for n, a in batch.items()}) for i in range(0, rows, bound)]
-        return [np.concatenate(outs) for outs in zip(*pieces)]
-
-    return run
+    return pte_runner(method.execute, method.metadata, [spec["name"] for spec in io["inputs"]],
+                      dynamic_batch(io["inputs"]))
 
 
 def inspect(artifact: Path) -> dict[str, Any]:

@@ -93,29 +93,41 @@ def open_pte(spec: dict):
     """The program through ExecuTorch's runtime bindings (XNNPACK registered), a batch larger than
     its planned one split as the host's backend splits it. The bindings' extension itself, not
     portable_lib, which imports the exir compiler stack (sympy and more: 30 s emulated)."""
-    import torch
     from executorch.extension.pybindings import _C as portable_lib
 
     from importlib.metadata import version
 
     portable_lib._unsafe_reset_threadpool(spec["threads"])
     module = portable_lib._load_for_executorch(spec["artifact"])
-    meta = module.method_meta("forward")
+    return (pte_runner(module.forward, module.method_meta("forward"), spec["inputs"], spec["batched"]),
+            f"executorch {version('executorch')} runtime, XNNPACK")
+
+
+def dynamic_batch(specs: list[dict]) -> bool:
+    """Whether every input's dim 0 is dynamic (a batch that may be run in pieces)."""
+    return all("0" in map(str, spec.get("dynamic") or {}) for spec in specs)
+
+
+def pte_runner(forward, meta, names: list[str], batched: bool):
+    """fn(feed) -> outputs of a loaded program's forward (a list of tensors in, tensors out); a
+    batch larger than the program's planned one is run in pieces when the batch is dynamic.
+    The host's backend (stages/formats/pte.py) runs its programs with it too."""
+    import torch
+
     bound = min(meta.input_tensor_meta(i).sizes()[0] for i in range(meta.num_inputs()))
-    names = spec["inputs"]
 
     def execute(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = module.forward([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
+        outputs = forward([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
         return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         rows = len(batch[names[0]])
-        if not spec["batched"] or rows <= bound:
+        if not batched or rows <= bound:
             return execute(batch)
         pieces = [execute({n: a[i:i + bound] for n, a in batch.items()}) for i in range(0, rows, bound)]
         return [np.concatenate(outs) for outs in zip(*pieces)]
 
-    return run, f"executorch {version('executorch')} runtime, XNNPACK"
+    return run
 
 
 def main() -> int:

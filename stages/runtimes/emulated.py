@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .device_worker import read_frame, write_frame
+from .device_worker import dynamic_batch, read_frame, write_frame
 
 WORKER = Path(__file__).with_name("device_worker.py")
 
@@ -34,7 +34,7 @@ class EmulatedSession:
                  timeout: float = 1800, model: str = ""):
         spec = {"format": fmt, "artifact": str(Path(artifact).resolve()), "threads": threads,
                 "inputs": [s["name"] for s in io["inputs"]],
-                "batched": all("0" in map(str, s.get("dynamic") or {}) for s in io["inputs"]), **(options or {})}
+                "batched": dynamic_batch(io["inputs"]), **(options or {})}
         self.timeout, self.model = timeout, model
         self._stderr = tempfile.TemporaryFile()
         self._process = subprocess.Popen([*command, str(WORKER), json.dumps(spec)], env=env,

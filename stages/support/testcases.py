@@ -172,15 +172,7 @@ def _check_on_device(artifact: Path, device: Mapping[str, Any]) -> dict[str, Any
         raise PipelineError(f"{device['name']} cannot run {artifact.name} here: {placement.reason}")
     with tempfile.TemporaryDirectory() as tmp:
         if fmt == "onnx":
-            from onnx import numpy_helper
-
-            folders = _case_folders(artifact)
-            if not folders:
-                raise PipelineError(f"{artifact}: no test cases beside it ({CASES}0/ missing)")
-            model = artifact
-            cases = [(int(f.name[len(CASES):]), _meta(f / "meta.json")["tolerance"],
-                      {t.name: numpy_helper.to_array(t) for t in _tensors(f, "input")},
-                      [(t.name, numpy_helper.to_array(t)) for t in _tensors(f, "output")]) for f in folders]
+            model, cases = artifact, _onnx_cases(artifact)
         else:
             bundle = artifact.with_suffix(".bpte")
             if not bundle.is_file():
@@ -203,26 +195,30 @@ def _check_on_device(artifact: Path, device: Mapping[str, Any]) -> dict[str, Any
     return _judge(results)
 
 
-def _check_onnx(artifact: Path) -> dict[str, Any]:
+def _onnx_cases(artifact: Path) -> list[tuple[int, Any, dict[str, np.ndarray], list[tuple[str, np.ndarray]]]]:
+    """(case, tolerance, feed, [(output name, expected)]) of each test_data_set_<i>/ beside it."""
     from onnx import numpy_helper
 
     folders = _case_folders(artifact)
     if not folders:
         raise PipelineError(f"{artifact}: no test cases beside it ({CASES}0/ missing)")
-    cases = [(int(f.name[len(CASES):]), _meta(f / "meta.json")["tolerance"], _tensors(f, "input"),
-              _tensors(f, "output")) for f in folders]
+    return [(int(f.name[len(CASES):]), _meta(f / "meta.json")["tolerance"],
+             {t.name: numpy_helper.to_array(t) for t in _tensors(f, "input")},
+             [(t.name, numpy_helper.to_array(t)) for t in _tensors(f, "output")]) for f in folders]
+
+
+def _check_onnx(artifact: Path) -> dict[str, Any]:
+    cases = _onnx_cases(artifact)
     # off the target's CPUs, as verify computed the expected outputs: the graph's own int8
     # arithmetic, not this CPU's fused kernels, which the artifact's target does not have
-    as_written = host_isa() not in _meta(folders[0] / "meta.json").get("target_isa", [host_isa()])
+    as_written = host_isa() not in _meta(_case_folders(artifact)[0] / "meta.json").get("target_isa", [host_isa()])
     results, doing = [], "cannot load it"
     try:
         from ..formats.onnx import session as onnx_session
 
         session = onnx_session(artifact, as_written=as_written)
-        for case, tolerance, inputs, outputs in cases:
+        for case, tolerance, feed, wanted in cases:
             doing = f"failed on case {case}"
-            wanted = [(t.name, numpy_helper.to_array(t)) for t in outputs]
-            feed = {t.name: numpy_helper.to_array(t) for t in inputs}
             actual = session.run([name for name, _ in wanted], feed)
             results.append((case, tolerance, [(name, want, got) for (name, want), got in zip(wanted, actual)]))
     except Exception as exc:  # onnxruntime raises a dozen unrelated classes (Fail, InvalidArgument...)
