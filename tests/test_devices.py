@@ -148,18 +148,19 @@ def test_check_artifact_runs_the_bundled_cases_on_a_device(run_on_devices, capsy
 
 
 def test_fp16_on_a_v82_core_is_computed_in_fp16(run_on_devices):
-    """x86 (and the v8.0 core) compute an fp16 program's arithmetic in fp32; a v8.2 core does it
-    in fp16: its outputs are its own, still within the fp16 tolerance."""
-    report, run_dir = run_on_devices("tiny", "target=android", "format=pte", "precision=fp16", A76_ONLY)
+    """The v8.0 core (like x86) computes an fp16 program's arithmetic in fp32, a v8.2 core in
+    fp16: its outputs are its own, still within the fp16 tolerance. Both named profiles, so the
+    verdict is the same on any build host (an arm64 one runs the a76 natively)."""
+    report, run_dir = run_on_devices("tiny", "target=android", "format=pte", "precision=fp16")
     found = _require(report)
-    assert report["status"] == "pass" and list(found) == ["cortex-a76"]  # a device of the user's own
-    verify = json.loads((run_dir / "artifacts" / "net" / "verify.json").read_text())
-    host = verify["outputs"]["logits"]["max_abs"]
-    assert found["cortex-a76"]["outputs"]["logits"]["max_abs"] != host
+    assert report["status"] == "pass"
+    assert found["cortex-a76"]["outputs"]["logits"]["max_abs"] != found["cortex-a53"]["outputs"]["logits"]["max_abs"]
+
 
 
 def test_a_stateful_part_is_streamed_on_the_phone_and_in_the_browser(run_on_devices):
     pte, _ = run_on_devices("tiny_stream", "target=android", "format=pte", "precision=fp32", A76_ONLY)
     web, _ = run_on_devices("tiny_stream", "target=web", "format=onnx", "precision=fp32")
+    assert list(pte["devices"]) == ["cortex-a76"]  # a device list of the user's own, on the command line
     for device in [*_require(pte).values(), *_require(web).values()]:
         assert device["passed"] and device["stream"]["chunks"] == 24 and device["stream"]["max_abs"] < 1e-4

@@ -358,7 +358,6 @@ def _pool_onnx(tmp: Path, precision: str) -> tuple[Path, np.ndarray, np.ndarray]
 
 def test_ort_qlinear_average_pool_still_returns_zeros_with_ceil_mode(tmp_path):
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     model, x, expected = _pool_onnx(tmp_path, "fp32")
@@ -372,12 +371,10 @@ def test_ort_qlinear_average_pool_still_returns_zeros_with_ceil_mode(tmp_path):
 
     quantize_static(str(model), str(tmp_path / "plain.onnx"), Reader(), quant_format=QuantFormat.QDQ)
     assert "AveragePool" in {n.op_type for n in onnx.load(str(tmp_path / "plain.onnx")).graph.node}
-    # on x86 without VNNI (natively or emulated, whatever this host is): exact zeros
+    # on x86 without VNNI (natively or emulated, whatever this host is): exact zeros. Not on this
+    # host's own kernels: a VNNI CPU leaves one value 0.0028, an ARM one may differ again
     out = run_on("x86-64-avx2", "onnx", tmp_path / "plain.onnx", [{"x": x}])[0][0]
     assert np.abs(out - expected).max() > 0.1 and np.abs(out).max() == 0.0
-    # on this host, whatever its kernels (a VNNI CPU leaves one value 0.0028): as far off
-    out = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(out - expected).max() > 0.1 and np.abs(out).max() < 0.01
 
 
 def test_average_pools_with_ceil_mode_stay_float(tmp_path):
