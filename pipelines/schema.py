@@ -134,6 +134,7 @@ class ToleranceOverride:
     min_cosine: Optional[float] = MISSING
     max_accuracy_drop: Optional[float] = MISSING
     min_top1_agreement: Optional[float] = MISSING
+    min_map_iou: Optional[float] = MISSING
 
 
 @dataclass
@@ -155,9 +156,11 @@ class PartConfig:
     method: str = "forward"  # the method to export
     inputs: List[TensorSpec] = MISSING
     outputs: List[str] = MISSING
-    # outputs that are scores over classes (last dim): verify judges their top-1 agreement with
-    # eager, labels or not; null = the outputs named like logits/scores/probs
-    scores: Optional[List[str]] = None
+    # outputs that are scores over classes: verify judges their top-1 agreement with eager (per
+    # position for dense maps), labels or not. A list of names, or {name: {axis: 1}} naming the
+    # class axis (default: the last up to rank 3, axis 1 for (N, C, H, W) maps); null = the
+    # outputs named like logits/scores/probs
+    scores: Optional[Any] = None
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
     state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}
@@ -184,6 +187,9 @@ class ModelConfig:
     # writes a missing checkpoint: a dotted callable(path), or {_target_: callable, **its args}
     make_checkpoint: Optional[Any] = None
     allow_pickle: bool = False
+    # dotted path of the weights inside a training dict (`run.model_state`), for layouts the known
+    # keys miss; null = found by content (the nested dict of tensors that fits the architecture)
+    weights_key: Optional[str] = None
     clean: CleanConfig = field(default_factory=CleanConfig)
     parts: List[PartConfig] = MISSING
 
@@ -197,7 +203,8 @@ class Tolerance:
     mean_abs: Optional[float] = None
     min_cosine: Optional[float] = 0.999
     max_accuracy_drop: Optional[float] = None  # percentage points, for models with labels
-    min_top1_agreement: Optional[float] = None  # fraction of held-out samples
+    min_top1_agreement: Optional[float] = None  # fraction of held-out samples (positions, for maps)
+    min_map_iou: Optional[float] = None  # dense score maps: mean IoU of the argmax masks with eager's
 
 
 @dataclass

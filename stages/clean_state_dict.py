@@ -29,16 +29,19 @@ def run(ctx: StageContext) -> dict:
                             "they belong to",
                             fix="set model.arch._target_ (with its arguments) to the model's class")
     expected = expected_state(ctx.cfg.model, loaded.result["config"])
-    state = torch.load(loaded.dir / "state_dict.pt", map_location="cpu", weights_only=True, mmap=True)
+    state, source = _weights(loaded, expected)
     ema_path = loaded.dir / "ema_state_dict.pt"
     ema = torch.load(ema_path, map_location="cpu", weights_only=True, mmap=True) if ema_path.exists() else None
     options = CleanOptions(**{k: v for k, v in _plain(ctx.cfg.model.clean).items()})
     try:
         cleaned, report = clean_state_dict(state, expected, options, ema_state_dict=ema)
     except KeysDoNotFit as exc:  # the runner keeps a failed stage's artifacts in the run dir
-        _write_report(ctx, exc.report)
+        _write_report(ctx, {"weights": source, **exc.report})
+        if source.get("candidates"):
+            exc.fix += "; or name the entry holding the weights with model.weights_key= (candidates in key_report.json)"
         raise
     torch.save(cleaned, ctx.workdir / "state_dict.pt")
+    report = {"weights": source, **report}
     _write_report(ctx, report)
     rules = ", ".join(f"{rule['rule']}: {rule['count']} keys" for rule in report["applied"]) or "no renames"
     return {
@@ -48,8 +51,33 @@ def run(ctx: StageContext) -> dict:
         "unexpected": len(report["unexpected"]),
         "strict": options.strict,
         "applied": report["applied"],
-        "summary": f"{report['matched']} keys matched ({rules})",
+        "weights_path": source["path"],
+        "summary": f"{report['matched']} keys matched ({rules})" + (f", weights from '{source['path']}'"
+                                                                    if source.get("candidates") else ""),
     }
+
+
+def _weights(loaded, expected) -> tuple[dict, dict]:
+    """The checkpoint's weights, and where they came from. Of several candidate dicts (no known key
+    named one), the one that provides the most of the architecture's keys with the right shapes."""
+    import torch
+
+    from .support.state_dict_cleaning import fit
+
+    def read(name: str) -> dict:
+        return torch.load(loaded.dir / name, map_location="cpu", weights_only=True, mmap=True)
+
+    candidates = loaded.result.get("candidates") or []
+    if not candidates:
+        return read("state_dict.pt"), {"path": loaded.result.get("weights_path", ""), "chosen_by": "the file's layout"}
+    scored = []
+    for candidate in candidates:
+        tensors = read(candidate["file"])
+        scored.append(({**candidate, "fits": fit(tensors, expected)}, tensors))
+    best, state = max(scored, key=lambda pair: (pair[0]["fits"], pair[0]["tensors"]))
+    listed = [{k: v for k, v in c.items() if k != "file"} for c, _ in scored]
+    return state, {"path": best["path"], "candidates": listed,
+                   "chosen_by": f"best fit to the architecture: {best['fits']}/{len(expected)} keys with their shapes"}
 
 
 def _program_passes_through(ctx: StageContext, loaded) -> dict:

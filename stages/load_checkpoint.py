@@ -7,7 +7,7 @@ from pathlib import Path
 from pipelines.registry import StageContext, stage
 
 
-@stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle"),
+@stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle", "model.weights_key"),
        code=("stages.support.checkpoint_formats",), reads=lambda view: [view["model"]["checkpoint"]])
 def run(ctx: StageContext) -> dict:
     import torch
@@ -15,8 +15,14 @@ def run(ctx: StageContext) -> dict:
     from .support.checkpoint_formats import load_checkpoint_file
 
     path = Path(ctx.cfg.model.checkpoint)
-    loaded = load_checkpoint_file(path, allow_pickle=ctx.cfg.model.allow_pickle)
-    torch.save(loaded.state_dict, ctx.workdir / "state_dict.pt")
+    loaded = load_checkpoint_file(path, allow_pickle=ctx.cfg.model.allow_pickle,
+                                  weights_key=ctx.cfg.model.weights_key)
+    candidates = []
+    for index, (where, tensors) in enumerate(loaded.candidates.items()):
+        torch.save(tensors, ctx.workdir / f"candidate_{index}.pt")
+        candidates.append({"path": where, "tensors": len(tensors), "file": f"candidate_{index}.pt"})
+    if not candidates:
+        torch.save(loaded.state_dict, ctx.workdir / "state_dict.pt")
     if loaded.ema_state_dict is not None:
         torch.save(loaded.ema_state_dict, ctx.workdir / "ema_state_dict.pt")
     if loaded.program is not None:
@@ -30,5 +36,8 @@ def run(ctx: StageContext) -> dict:
         "has_ema": loaded.ema_state_dict is not None,
         "has_program": loaded.program is not None,
         "notes": loaded.notes,
-        "summary": f"{loaded.kind}, {len(loaded.state_dict)} tensors",
+        "weights_path": loaded.weights_path,
+        "candidates": candidates,
+        "summary": (f"{loaded.kind}, {len(candidates)} candidate dicts of weights" if candidates
+                    else f"{loaded.kind}, {len(loaded.state_dict)} tensors"),
     }

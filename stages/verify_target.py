@@ -123,7 +123,7 @@ def _verify_was_native(verify: dict[str, Any]) -> dict[str, Any]:
 
     from .runtimes.device_worker import cpu_features
 
-    keys = ("held_out", "examples", "outputs", "top1_agreement", "accuracy", "stream", "diagnosis")
+    keys = ("held_out", "examples", "outputs", "scores", "top1_agreement", "map_iou", "accuracy", "stream", "diagnosis")
     return {"status": "pass" if verify["passed"] else "fail", "passed": verify["passed"], "mode": "native",
             "runtime": f"{verify['runtime']}, native ({host_cpu()['model']}): verify's own run",
             "cpu": cpu_features(), "reason": verify["reason"] or "verify's figures, on this host",

@@ -336,7 +336,36 @@ def test_dict_without_weights(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "opt.pt")
     err = error_of(tmp_path / "opt.pt")
     assert "opt.pt has no recognizable weights (top-level keys: epoch, optimizer)" in err.message
-    assert "model_state_dict" in err.fix
+    assert "model_state_dict" in err.fix and "model.weights_key=" in err.fix
+
+
+def test_weights_found_by_content_under_unknown_keys(tmp_path, sd):
+    """No known key: the only nested dict of tensors is taken; an optimizer's per-parameter
+    state (keyed by integers) is not mistaken for weights."""
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"step": 3, "train": {"model_state": sd}, "optimizer_state": optimizer}, tmp_path / "run.pt")
+    loaded = load_checkpoint_file(tmp_path / "run.pt")
+    assert_same(loaded.state_dict, sd)
+    assert loaded.weights_path == "train.model_state" and not loaded.candidates
+    assert "ignored: step, optimizer_state" in " ".join(loaded.notes)
+
+
+def test_several_candidates_are_left_for_the_architecture_to_choose(tmp_path, sd):
+    torch.save({"a": {"student": sd}, "b": {"teacher": {"w": torch.ones(2)}}}, tmp_path / "two.pt")
+    loaded = load_checkpoint_file(tmp_path / "two.pt")
+    assert set(loaded.candidates) == {"a.student", "b.teacher"}
+
+
+def test_weights_key_picks_a_nested_entry_and_names_what_is_there(tmp_path, sd):
+    torch.save({"a": {"student": sd}, "b": {"teacher": {"w": torch.ones(2)}}}, tmp_path / "two.pt")
+    loaded = load_checkpoint_file(tmp_path / "two.pt", weights_key="a.student")
+    assert_same(loaded.state_dict, sd)
+    assert loaded.weights_path == "a.student"
+    err = error_of(tmp_path / "two.pt", weights_key="a.teacher")
+    assert "has no key 'teacher' at 'a' (keys: student)" in err.message
+    assert "a.student (7)" in err.fix and "b.teacher (1)" in err.fix
+    save_file(sd, tmp_path / "w.safetensors")
+    assert "remove model.weights_key" in error_of(tmp_path / "w.safetensors", weights_key="x").fix
 
 
 @pytest.mark.parametrize("wrap", [False, True])

@@ -67,13 +67,29 @@ class LoadedCheckpoint:
     ema_state_dict: dict[str, torch.Tensor] | None = None
     program: torch.export.ExportedProgram | None = None
     notes: list[str] = field(default_factory=list)
+    weights_path: str = ""  # where the weights sat in the file, dotted ("" = the file's own top level)
+    # several nested tensor dicts could be the weights and no known key says which: path -> tensors,
+    # for clean_state_dict to pick the one that fits the architecture (`state_dict` is the largest)
+    candidates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def load_checkpoint_file(path: str | Path, *, allow_pickle: bool = False) -> LoadedCheckpoint:
-    """Detect the format of `path` by content and load it (weights-only unless `allow_pickle`)."""
+def load_checkpoint_file(path: str | Path, *, allow_pickle: bool = False, weights_key: str | None = None
+                         ) -> LoadedCheckpoint:
+    """Detect the format of `path` by content and load it (weights-only unless `allow_pickle`).
+
+    `weights_key` ("a.b") names the nested entry holding the weights, for layouts no rule knows.
+    """
     path = _check_path(Path(path).expanduser())
+    kind = _sniff(path)
+    if weights_key and kind not in ("zip", "legacy", "tar"):
+        raise PipelineError(f"model.weights_key={weights_key} is set, but {path} is a {kind} file: its tensors "
+                            "are not nested under keys", fix="remove model.weights_key")
     loaders = {"zip": _load_zip, "legacy": _load_legacy, "safetensors": _load_safetensors, "tar": _load_nemo}
-    return loaders[_sniff(path)](path, allow_pickle)
+    loaded = loaders[kind](path, allow_pickle, weights_key)
+    if weights_key and loaded.kind in ("torchscript", "exported_program"):
+        raise PipelineError(f"model.weights_key={weights_key} is set, but {path} is a {loaded.kind} archive "
+                            "with its own weights", fix="remove model.weights_key")
+    return loaded
 
 
 # ---------------------------------------------------------------- path and format detection
@@ -142,7 +158,7 @@ def _format_hint(head: bytes) -> str:
 # ---------------------------------------------------------------- zip archives
 
 
-def _load_zip(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
+def _load_zip(path: Path, allow_pickle: bool, weights_key: str | None) -> LoadedCheckpoint:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -157,7 +173,7 @@ def _load_zip(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
             _refuse_unsafe(path, _pt2_unsafe_globals(path))
         return _load_exported_program(path)
     if any(_inner(name) == "data.pkl" for name in names):
-        return _torch_load_checkpoint(path, str(path), allow_pickle, mmap=True)
+        return _torch_load_checkpoint(path, str(path), allow_pickle, weights_key, mmap=True)
     raise PipelineError(
         f"checkpoint file {path} is a zip archive but not a PyTorch checkpoint (members: {_short_list(names, 8)})",
         fix=f"accepted formats: {ACCEPTED_FORMATS}",
@@ -230,13 +246,14 @@ def _pt2_pickled_members(zf: zipfile.ZipFile) -> list[str]:
 # ---------------------------------------------------------------- torch.load (zip or legacy pickle)
 
 
-def _load_legacy(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
-    return _torch_load_checkpoint(path, str(path), allow_pickle, mmap=False)
+def _load_legacy(path: Path, allow_pickle: bool, weights_key: str | None) -> LoadedCheckpoint:
+    return _torch_load_checkpoint(path, str(path), allow_pickle, weights_key, mmap=False)
 
 
-def _torch_load_checkpoint(file: Path, source: str, allow_pickle: bool, *, mmap: bool) -> LoadedCheckpoint:
+def _torch_load_checkpoint(file: Path, source: str, allow_pickle: bool, weights_key: str | None, *,
+                           mmap: bool) -> LoadedCheckpoint:
     obj = _torch_load(file, source, allow_pickle, mmap=mmap)
-    return _from_object(obj, source)
+    return _from_object(obj, source, weights_key)
 
 
 def _torch_load(file: Path, source: str, allow_pickle: bool, *, mmap: bool) -> Any:
@@ -344,7 +361,9 @@ def _allowed_globals() -> set[str]:
 # ---------------------------------------------------------------- classify a loaded object
 
 
-def _from_object(obj: Any, source: str) -> LoadedCheckpoint:
+def _from_object(obj: Any, source: str, weights_key: str | None) -> LoadedCheckpoint:
+    if weights_key:
+        return _training_dict(obj, source, _at_path(obj, weights_key, source), weights_key, "model.weights_key")
     if isinstance(obj, torch.nn.Module):
         notes = [f"pickled {type(obj).__name__} module: used its state_dict()"]
         return LoadedCheckpoint("state_dict", dict(obj.state_dict()), notes=notes)
@@ -365,23 +384,79 @@ def _from_dict(ckpt: Mapping, source: str) -> LoadedCheckpoint:
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state_dict = _tensor_dict(ckpt, source, "the file")
         return LoadedCheckpoint("state_dict", state_dict, notes=[f"plain state dict ({len(state_dict)} tensors)"])
-    keys = [str(k) for k in ckpt]
     weights_key = next((k for k in WEIGHT_KEYS if k in ckpt), None)
-    if weights_key is None:
-        _no_weights(ckpt, source, keys)
-    lightning = weights_key == "state_dict" and ("pytorch-lightning_version" in ckpt or "hyper_parameters" in ckpt)
-    state_dict = _tensor_dict(ckpt[weights_key], source, f"'{weights_key}'")
-    notes = [f"top-level keys: {_short_list(keys)}", f"weights: '{weights_key}' ({len(state_dict)} tensors)"]
+    if weights_key is not None:
+        return _training_dict(ckpt, source, ckpt[weights_key], weights_key, f"the known key '{weights_key}'")
+    found = _tensor_mappings(ckpt)
+    if not found:
+        _no_weights(ckpt, source, [str(k) for k in ckpt])
+    if len(found) == 1:
+        (path, weights), = found.items()
+        return _training_dict(ckpt, source, weights, path, "the only dict of tensors in the file")
+    largest = max(found, key=lambda path: len(found[path]))
+    loaded = _training_dict(ckpt, source, found[largest], largest, "")
+    loaded.candidates = found
+    loaded.notes.append("candidates for the weights: " + _short_list([f"{p} ({len(t)} tensors)" for p, t in found.items()]))
+    return loaded
+
+
+def _training_dict(ckpt: Any, source: str, weights: Any, path: str, chosen_by: str) -> LoadedCheckpoint:
+    """The weights found at `path` in a training dict, with its config and EMA weights beside them."""
+    state_dict = _tensor_dict(weights, source, f"'{path}'")
+    notes = [f"weights: '{path}' ({len(state_dict)} tensors)" + (f", chosen by {chosen_by}" if chosen_by else "")]
+    if not isinstance(ckpt, Mapping):
+        return LoadedCheckpoint("training_dict", state_dict, notes=notes, weights_path=path)
+    keys = [str(k) for k in ckpt]
+    notes.insert(0, f"top-level keys: {_short_list(keys)}")
+    lightning = path == "state_dict" and ("pytorch-lightning_version" in ckpt or "hyper_parameters" in ckpt)
     config, config_key = _config_from(ckpt, notes)
     ema, ema_path = _find_ema(ckpt, source)
     if ema is not None:
         notes.append(f"EMA weights: {' -> '.join(ema_path)} ({len(ema)} tensors)")
-    used = {weights_key, config_key, ema_path[0] if ema_path else None}
+    used = {path.split(".", 1)[0], config_key, ema_path[0] if ema_path else None}
     ignored = [k for k in keys if k not in used]
     if ignored:
         notes.append(f"ignored: {_short_list(ignored)}")
     kind = "lightning" if lightning else "training_dict"
-    return LoadedCheckpoint(kind, state_dict, config=config, ema_state_dict=ema, notes=notes)
+    return LoadedCheckpoint(kind, state_dict, config=config, ema_state_dict=ema, notes=notes, weights_path=path)
+
+
+def _at_path(obj: Any, dotted: str, source: str) -> Any:
+    """The entry at `a.b.c` in nested dicts (or modules' state dicts), or an error naming the keys there."""
+    value, walked = obj, []
+    for key in dotted.split("."):
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
+        keys = {str(k): k for k in value} if isinstance(value, Mapping) else {}
+        if key not in keys:
+            here = f"'{'.'.join(walked)}'" if walked else "the file's top level"
+            have = _short_list(list(keys)) if keys else f"none: it is a {type(value).__name__}"
+            raise PipelineError(f"model.weights_key={dotted}: {source} has no key '{key}' at {here} (keys: {have})",
+                                fix=f"set model.weights_key= to a path of keys that exists{_paths_hint(obj)}")
+        value, walked = value[keys[key]], walked + [key]
+    return value
+
+
+def _tensor_mappings(value: Any, path: tuple[str, ...] = (), depth: int = 4) -> dict[str, dict]:
+    """Every nested name -> tensor dict below the top level, by dotted path. Mappings keyed by
+    integers (an optimizer's per-parameter state) are not searched: they hold no named weights."""
+    if isinstance(value, torch.nn.Module):
+        value = value.state_dict()
+    if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) for k in value):
+        return {}
+    if all(isinstance(v, torch.Tensor) for v in value.values()):
+        return {".".join(path): dict(value)} if path else {}
+    if depth == 0:
+        return {}
+    found: dict[str, dict] = {}
+    for key, item in value.items():
+        found.update(_tensor_mappings(item, (*path, key), depth - 1))
+    return found
+
+
+def _paths_hint(obj: Any) -> str:
+    found = _tensor_mappings(obj) if isinstance(obj, Mapping) else {}
+    return f"; dicts of tensors in the file: {_short_list([f'{p} ({len(t)})' for p, t in found.items()])}" if found else ""
 
 
 def _no_weights(ckpt: Mapping, source: str, keys: list[str]) -> None:
@@ -389,7 +464,8 @@ def _no_weights(ckpt: Mapping, source: str, keys: list[str]) -> None:
         _tensor_dict(ckpt, source, "the file")  # raises: names the non-tensor entries
     raise PipelineError(
         f"{source} has no recognizable weights (top-level keys: {_short_list(keys) or 'none'})",
-        fix=f"save a state dict, or a dict with the weights under one of: {', '.join(WEIGHT_KEYS)}",
+        fix="name the entry holding the weights with model.weights_key=a.b, or save a state dict "
+        f"(or a dict with the weights under one of: {', '.join(WEIGHT_KEYS)})",
     )
 
 
@@ -471,7 +547,7 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------- safetensors
 
 
-def _load_safetensors(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
+def _load_safetensors(path: Path, allow_pickle: bool, weights_key: str | None) -> LoadedCheckpoint:
     header = _safetensors_header(path)
     try:
         state_dict = safetensors.torch.load_file(str(path), device="cpu")
@@ -523,7 +599,7 @@ def _safetensors_header(path: Path) -> dict:
 # ---------------------------------------------------------------- NeMo .nemo (tar)
 
 
-def _load_nemo(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
+def _load_nemo(path: Path, allow_pickle: bool, weights_key: str | None) -> LoadedCheckpoint:
     """Read model_weights.ckpt and model_config.yaml only; members are copied to files named by us."""
     with tempfile.TemporaryDirectory(prefix="nemo_") as tmp:
         weights_file = Path(tmp) / NEMO_WEIGHTS
@@ -540,7 +616,8 @@ def _load_nemo(path: Path, allow_pickle: bool) -> LoadedCheckpoint:
             raise PipelineError(
                 f"checkpoint file {path} is a truncated or corrupt tar archive ({exc})", fix=REDOWNLOAD_FIX
             ) from exc
-        loaded = _torch_load_checkpoint(weights_file, f"{path} (member {NEMO_WEIGHTS})", allow_pickle, mmap=False)
+        loaded = _torch_load_checkpoint(weights_file, f"{path} (member {NEMO_WEIGHTS})", allow_pickle, weights_key,
+                                        mmap=False)
     loaded.kind = "nemo"
     loaded.notes.insert(0, f"NeMo archive: weights from {NEMO_WEIGHTS}")
     if config_text is None:

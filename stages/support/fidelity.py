@@ -30,16 +30,22 @@ def load_held_out(path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], n
 
 
 def judge(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], outputs: list[str],
-          scores: list[str], labels: np.ndarray | None) -> dict[str, Any]:
-    """Batch-by-batch outputs compared output by output; top-1 agreement of the outputs that are
-    class scores; accuracy of the first output when there are labels."""
+          scores: Mapping[str, int | None], labels: np.ndarray | None) -> dict[str, Any]:
+    """Batch-by-batch outputs compared output by output; for the outputs that are class scores,
+    top-1 agreement with eager on their class axis (every position of a dense map, and the maps'
+    mean IoU); accuracy of the first output when there are labels."""
     joined = {name: (np.concatenate([e[i] for e in expected]), np.concatenate([a[i] for a in actual]))
               for i, name in enumerate(outputs)}
     report: dict[str, Any] = {"outputs": {name: compare(*pair) for name, pair in joined.items()}}
-    agreement = {name: top1_agreement(*joined[name]) for name in scores
-                 if joined[name][0].ndim >= 2 and joined[name][0].shape[-1] >= 2}
-    if agreement:
-        report["top1_agreement"] = agreement
+    layouts = {name: score_layout(joined[name][0], axis) for name, axis in scores.items()}
+    layouts = {name: layout for name, layout in layouts.items() if layout is not None}
+    if layouts:
+        report["scores"] = layouts
+        report["top1_agreement"] = {name: top1_agreement(*joined[name], layout["axis"])
+                                    for name, layout in layouts.items()}
+        maps = {name: map_iou(*joined[name], layout["axis"]) for name, layout in layouts.items() if layout["map"]}
+        if maps:
+            report["map_iou"] = maps
     if labels is not None:
         report["accuracy"] = {**classification(*joined[outputs[0]], labels), "output": outputs[0]}
     return report
@@ -69,16 +75,56 @@ def relative_to(error: float, scale: float) -> float:
 SCORE_NAMES = re.compile(r"logit|score|prob", re.IGNORECASE)
 
 
-def class_scores(part: Mapping[str, Any], io: Mapping[str, Any]) -> list[str]:
-    """The outputs that are scores over classes: the part's `scores`, else those named so."""
+def class_scores(part: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str, int | None]:
+    """The outputs that are scores over classes, each with its declared class axis (None: inferred
+    from the output's rank). The part's `scores` (a list of names, or {name: {axis: 1}}), else the
+    outputs named like logits/scores/probs."""
     declared = part.get("scores")
-    names = list(declared) if declared is not None else [n for n in io["outputs"] if SCORE_NAMES.search(n)]
-    return [n for n in names if n in io["outputs"]]
+    if declared is None:
+        declared = [n for n in io["outputs"] if SCORE_NAMES.search(n)]
+    if isinstance(declared, Mapping):
+        axes = {str(name): _declared_axis(name, spec) for name, spec in declared.items()}
+    else:
+        axes = {str(name): None for name in declared}
+    return {name: axis for name, axis in axes.items() if name in io["outputs"]}
 
 
-def top1_agreement(expected: np.ndarray, actual: np.ndarray) -> float:
-    """How often artifact and eager pick the same class (argmax of the last dim, every position)."""
-    return float((expected.argmax(-1) == actual.argmax(-1)).mean())
+def _declared_axis(name: str, spec: Any) -> int | None:
+    from pipelines.errors import PipelineError
+
+    if spec is None or (isinstance(spec, Mapping) and set(spec) <= {"axis"}
+                        and isinstance(spec.get("axis"), (int, type(None)))):
+        return (spec or {}).get("axis")
+    raise PipelineError(f"part.scores.{name}: {spec!r} is not a score layout",
+                        fix=f"write scores: {{{name}: {{axis: 1}}}} (the axis of its classes), or a list of names")
+
+
+def score_layout(eager: np.ndarray, axis: int | None) -> dict[str, Any] | None:
+    """Where an output's classes are: the declared axis, else the last one up to rank 3 ((N, C),
+    (N, T, C) sequences) and axis 1 from rank 4 (PyTorch's channels-first maps, (N, C, H, W)).
+    None when that axis holds fewer than two classes (nothing to agree on)."""
+    rank = eager.ndim
+    how = "declared" if axis is not None else f"inferred from rank {rank}"
+    axis = (1 if rank >= 4 else -1) if axis is None else int(axis)
+    if rank < 2 or not -rank <= axis < rank or eager.shape[axis] < 2:
+        return None
+    axis %= rank
+    return {"axis": axis, "classes": int(eager.shape[axis]), "how": how,
+            "positions": int(np.prod(eager.shape[1:]) // eager.shape[axis]), "map": rank >= 3 and axis < rank - 1}
+
+
+def top1_agreement(expected: np.ndarray, actual: np.ndarray, axis: int = -1) -> float:
+    """How often artifact and eager pick the same class (argmax on the class axis, every position)."""
+    return float((expected.argmax(axis) == actual.argmax(axis)).mean())
+
+
+def map_iou(expected: np.ndarray, actual: np.ndarray, axis: int) -> float:
+    """Mean over the classes eager's maps predict anywhere of the IoU between eager's and the
+    artifact's per-position argmax masks (a segmentation map's mIoU, eager as the ground truth)."""
+    eager, artifact = expected.argmax(axis), actual.argmax(axis)
+    ious = [np.logical_and(eager == c, artifact == c).sum() / np.logical_or(eager == c, artifact == c).sum()
+            for c in np.unique(eager)]
+    return float(np.mean(ious))
 
 
 def classification(expected: np.ndarray, actual: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -125,7 +171,20 @@ def check(report: dict[str, Any], tol) -> tuple[bool, str]:
     agreement = dict(report.get("top1_agreement") or {})
     if acc:
         agreement.setdefault(acc["output"], acc["top1_agreement"])
+    layouts = report.get("scores") or {}
     for name, value in agreement.items():
         if tol.min_top1_agreement is not None and value < tol.min_top1_agreement:
-            return False, f"output '{name}' top-1 agreement with eager {value:.2%} < {tol.min_top1_agreement:.0%}"
+            where = _positions(layouts.get(name))
+            return False, (f"output '{name}' top-1 agreement with eager {value:.2%}{where} < "
+                           f"{tol.min_top1_agreement:.0%}")
+    for name, value in (report.get("map_iou") or {}).items():
+        if tol.get("min_map_iou") is not None and value < tol.min_map_iou:
+            return False, (f"output '{name}' mean IoU of its class maps with eager's {value:.2%} < "
+                           f"{tol.min_map_iou:.0%}")
     return True, ""
+
+
+def _positions(layout: Mapping[str, Any] | None) -> str:
+    if not layout or layout["positions"] == 1:
+        return ""
+    return f" (per position, {layout['positions']} per sample, classes on axis {layout['axis']})"

@@ -70,6 +70,12 @@ def clean_state_dict(
     return cleaned, report
 
 
+def fit(weights: dict[str, torch.Tensor], expected: Expected) -> int:
+    """How many of the expected keys `weights` provides with their shapes, wrapper prefixes stripped."""
+    stripped = _auto_strip(dict(weights), expected, [])
+    return sum(key in expected and tuple(t.shape) == tuple(expected[key][0]) for key, t in stripped.items())
+
+
 # ---------------------------------------------------------------- user-directed steps
 
 
