@@ -600,3 +600,63 @@ def test_bundles_are_written_byte_for_byte_as_executorch_writes_them_in_half_the
     assert (tmp_path / "ours.bpte").read_bytes() == theirs.read_bytes()
     size = pte.stat().st_size
     assert our_peak < 2.2 * size < 4 * size < their_peak, (our_peak / size, their_peak / size)
+
+
+# 11. executorch: XNNPACK takes a PReLU after a Linear, then its channels-last pass fails on it -
+
+class FaceHead(nn.Module):
+    """An MTCNN face detector's tail in a few layers: conv, PReLU, ceil-mode max pool, the
+    (0, 3, 2, 1) permute before the flatten, Linear, PReLU on the (N, 16) features, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.prelu1 = nn.PReLU(8)
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.dense = nn.Linear(8 * 5 * 5, 16)
+        self.prelu2 = nn.PReLU(16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.pool(self.prelu1(self.conv(x))).permute(0, 3, 2, 1).contiguous()
+        return self.head(self.prelu2(self.dense(x.flatten(1))))
+
+
+FACES = [spec("x", [1, 3, 12, 12])]
+
+
+def test_xnnpack_still_fails_on_a_prelu_after_a_linear():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(FaceHead().eval(), (torch.randn(1, 3, 12, 12),))
+    with pytest.raises(Exception, match="ChannelsLastTaggedReshapePass") as info:
+        to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    assert "non-NHWC compatible node to NHWC" in str(info.value.__cause__)
+
+
+def test_a_prelu_after_a_linear_is_lowered_and_matches(tmp_path):
+    torch.manual_seed(0)
+    module = FaceHead().eval()
+    path = lowered(module, FACES, "fp32", tmp_path)
+    stats = json.loads((path.parent / "program_stats.json").read_text())
+    assert stats["left_out_of_delegate"] == [] and stats["warnings"] == []
+    x = torch.randn(1, 3, 12, 12)
+    assert (run_pte(path, x) - module(x).detach()).abs().max() < 1e-5
+
+
+def test_a_module_the_delegate_fails_on_is_named_and_left_out(tmp_path, monkeypatch):
+    """Any lowering failure on a module's node: that module runs on the portable kernels, said."""
+    from stages.upstream import executorch
+
+    monkeypatch.setattr(executorch, "_rank", lambda node: 4)  # the PReLU workaround off
+    torch.manual_seed(0)
+    module = FaceHead().eval()
+    path = lowered(module, FACES, "fp32", tmp_path)
+    stats = json.loads((path.parent / "program_stats.json").read_text())
+    assert [failed["module"] for failed in stats["left_out_of_delegate"]] == ["prelu2"]
+    assert "module prelu2 left out of the XNNPACK delegate" in stats["warnings"][0]
+    assert "non-NHWC compatible node to NHWC" in stats["warnings"][0]
+    assert "where" in stats["non_delegated_ops"]  # the PReLU, decomposed for the portable kernels
+    x = torch.randn(1, 3, 12, 12)
+    assert (run_pte(path, x) - module(x).detach()).abs().max() < 1e-5

@@ -3,6 +3,7 @@ and the executorch.runtime to run it."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports torchao anyway
 
+from pipelines.errors import PipelineError
 from pipelines.memory import release
 
 from ..support.export_errors import lowering_failure
@@ -18,7 +20,7 @@ from ..support.model_builder import as_step, used_tensors
 from ..support.state_io import state_nodes
 from ..support.streaming import carry
 from ..upstream.executorch import (FP16_UNSAFE_OPS, conv_backends_off, edge_compile_config,
-                                  restore_integer_scalars)
+                                  restore_integer_scalars, xnnpack_partitioner)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 from .fx_graph import (module_outputs, module_types, reexport, requantized, to_half,
                        with_outputs, within)
@@ -173,10 +175,9 @@ class _Processed(torch.nn.Module):
 def lower(job: Job) -> dict[str, Any]:
     from executorch.devtools.backend_debug import get_delegation_info
 
-    programs = [torch.export.load(job.source / PROGRAM)]
-    stats = _program_stats(programs[0])
+    stats = _program_stats(torch.export.load(job.source / PROGRAM))
     artifact = job.workdir / f"model{SUFFIX}"
-    edge = _to_executorch(programs, job.fmt, artifact)
+    edge, left_out = _lowered(lambda: torch.export.load(job.source / PROGRAM), job.fmt, artifact)
     delegation = get_delegation_info(edge.exported_program().graph_module)
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
@@ -185,23 +186,47 @@ def lower(job: Job) -> dict[str, Any]:
                                          if n.op == "call_function" and _op_name(n.target)
                                          not in ("executorch_call_delegate", "getitem")})
     stats["planned_input_shapes"] = _planned_shapes(artifact)
-    stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"])
+    stats["left_out_of_delegate"] = left_out
+    stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"]) + [
+        f"module {failed['module']} left out of the XNNPACK delegate, on ExecuTorch's portable kernels: "
+        f"lowering it failed ({failed['error']})" for failed in left_out]
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
     return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
-            "warnings": stats["warnings"]}
+            "warnings": stats["warnings"], "left_out_of_delegate": [f["module"] for f in left_out]}
 
 
-def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path) -> Any:
+RETRIES = 4  # modules left out of the delegate before a lowering failure is the user's to fix
+
+
+def _lowered(load: Callable[[], torch.export.ExportedProgram], fmt, path: Path) -> tuple[Any, list[dict]]:
+    """_to_executorch on a freshly loaded program; when the XNNPACK delegate fails on a node of
+    a module, again with that module left out of the delegate (its ops on the portable kernels).
+    Returns the edge program and the modules left out, each with the error that made it so."""
+    left_out: list[dict] = []
+    while True:
+        try:
+            modules = [failed["module"] for failed in left_out]
+            edge = _to_executorch([load()], fmt, path, lambda node: within(node, modules))
+            return edge, left_out
+        except PipelineError as exc:
+            if not (fmt.xnnpack and exc.module) or exc.module in modules or len(left_out) == RETRIES:
+                raise
+            logging.getLogger(__name__).warning("lowering failed on module %s: retrying with it left out "
+                                                "of the XNNPACK delegate", exc.module)
+            left_out.append({"module": exc.module, "error": exc.message.split(": ", 1)[-1][:300]})
+
+
+def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path,
+                   left_out: Callable[[torch.fx.Node], bool] | None = None) -> Any:
     """The edge program, its .pte written to path: XNNPACK-delegated where the format says so.
     `programs` holds the one program to lower; it is emptied once lowered, so the source's
     weights are not kept beside the delegate's copy of them, and the .pte goes to the file
     without being joined into one buffer first (its size again in memory)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     import executorch.kernels.quantized  # noqa: F401  out variants of quantize ops XNNPACK leaves
 
-    partitioners = [XnnpackPartitioner()] if fmt.xnnpack else []
+    partitioners = [xnnpack_partitioner(left_out)] if fmt.xnnpack else []
     with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
         try:
             edge = to_edge_transform_and_lower(programs[0], partitioner=partitioners,
@@ -245,7 +270,7 @@ def prefix_artifact(job: Job, module: str) -> Path:
     graph_module = torch.export.load(job.source / PROGRAM).module()
     with_outputs(graph_module, [requantized(module_outputs(graph_module.graph)[module])], replace=True)
     path = job.workdir / f"prefix{SUFFIX}"
-    _to_executorch([reexport(graph_module, job.io["inputs"])], job.fmt, path)
+    _lowered(lambda: reexport(graph_module, job.io["inputs"]), job.fmt, path)
     return path
 
 

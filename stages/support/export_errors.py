@@ -98,16 +98,37 @@ def check_dynamic_dims(program, specs: list[Mapping[str, Any]], part: str) -> No
                 "model (a shape used as a Python number, a reshape to constant sizes)")
 
 
+TOP_LEVEL = "the part's top level"
+
+
 def lowering_failure(step: str, exc: Exception, program) -> PipelineError:
-    """An exporter or lowering error, with the operators it names and the modules they come from."""
+    """An exporter or lowering error, with the operators it names and the modules they come from,
+    else the graph node a pass was working on when it failed (its module is the error's `module`)."""
     logging.getLogger(__name__).error("%s failed", step, exc_info=exc)  # run.log only
     text = str(exc)
-    culprits = [f"{op} (from {module})" for op, module in _named_nodes(text, program)]
-    named = f"operator {', '.join(culprits[:3])}: " if culprits else ""
-    return PipelineError(f"{step} failed on {named}{_summary(text)}",
+    cited = _named_nodes(text, program)
+    module = None
+    if cited:
+        named = f"operator {', '.join(f'{op} (from {where})' for op, where in cited[:3])}: "
+    else:
+        node, module = _node_in_traceback(exc)
+        named = f"{_node_text(node)} of {module or TOP_LEVEL}: " if node is not None else ""
+    cause = root_cause(exc) if exc.__cause__ is not None else ""
+    return PipelineError(f"{step} failed on {named}{_summary(text)}" + (f" ({cause})" if cause else ""),
+                         module=module,
                          fix="replace the operator in the model, give it an implementation for "
                              "this format, or export a part that does not contain it; the full "
                              "error is in run.log")
+
+
+def _node_text(node) -> str:
+    op = getattr(node, "op_type", None) or _op_of(getattr(node, "target", None))
+    return f"node '{node.name}' ({op})"
+
+
+def _op_of(target) -> str:
+    name = getattr(target, "name", None)
+    return name() if callable(name) else str(target)
 
 
 def quantizer_failure(exc: Exception) -> PipelineError:
@@ -117,8 +138,7 @@ def quantizer_failure(exc: Exception) -> PipelineError:
     node, module = _node_in_traceback(exc)
     where = ""
     if node is not None:
-        op = getattr(node, "op_type", None) or str(getattr(node, "target", "?"))
-        where = f" at {op} node '{node.name}'" + (f" of {module}" if module else "")
+        where = f" at {_node_text(node)}" + (f" of {module}" if module else "")
     return PipelineError(f"quantization failed{where}: {root_cause(exc)}", module=module,
                          fix="keep that layer float (quantize.keep_float=[<module>], or "
                              "quantize.on_failure=mixed does it), or quantize.on_failure=fp32; "
@@ -130,12 +150,16 @@ def _node_in_traceback(exc: BaseException) -> tuple[Any, str | None]:
 
     from ..formats import fx_graph, onnx_graph
 
-    found, traceback = None, exc.__traceback__
-    while traceback is not None:
-        candidate = traceback.tb_frame.f_locals.get("node")
-        if isinstance(candidate, torch.fx.Node) or hasattr(candidate, "op_type"):
-            found = candidate
-        traceback = traceback.tb_next
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:  # the innermost frame of the innermost exception
+        seen.add(id(exc))
+        traceback = exc.__traceback__
+        while traceback is not None:
+            candidate = traceback.tb_frame.f_locals.get("node")
+            if isinstance(candidate, torch.fx.Node) or hasattr(candidate, "op_type"):
+                found = candidate
+            traceback = traceback.tb_next
+        exc = exc.__cause__ or exc.__context__
     if found is None:
         return None, None
     paths = fx_graph.module_paths(found) if isinstance(found, torch.fx.Node) else onnx_graph.module_paths(found)
@@ -158,7 +182,7 @@ def _named_nodes(text: str, program) -> list[tuple[str, str]]:
 def _module_of(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return "the part's top level"
+        return TOP_LEVEL
     path, kind = list(stack.values())[-1]
     return f"{_user_path(str(path))} ({str(kind).rsplit('.', 1)[-1]})"
 

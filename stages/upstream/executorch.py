@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -87,6 +87,37 @@ def edge_compile_config(program: torch.export.ExportedProgram):
 # recurrent operators decompose into list-returning ones (a GRU's gates: split_with_sizes) when
 # the program becomes edge IR
 RECURRENT = {"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu"}
+
+
+def xnnpack_partitioner(left_out: Callable[[torch.fx.Node], bool] | None = None):
+    """ExecuTorch's XnnpackPartitioner, with PReLU taken only on 4-D inputs, and the nodes
+    `left_out` says not taken at all: they stay outside the delegate, on ExecuTorch's portable
+    kernels (decomposed where the partitioner would have kept them whole).
+
+    PReLU on a tensor of another rank (after a Linear: MTCNN's face detectors, many audio heads)
+    fails the delegate's preprocessing: `PreluConfig.check_constraints`
+    (backends/xnnpack/partition/config/node_configs.py:117) accepts any rank, while
+    `ChannelsLastTaggedReshapePass.memory_sensitive_ops_nhwc` (backends/xnnpack/_passes/
+    channels_last_tagged_reshape_pass.py:67) lists prelu as needing an NHWC input, which
+    `input_to_nhwc` (line 397) can make only of a 4-D tensor: "Attempting to convert non-NHWC
+    compatible node to NHWC". Unchanged upstream as of 2026-08. Refused by the partitioner, such
+    a PReLU decomposes into elementwise ops that XNNPACK takes (tests/test_upstream.py).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    partitioner = XnnpackPartitioner()
+    for name, config in partitioner.target_partitioner_configs.items():
+        def check(node, program, inner=config.check_constraints, prelu=name == "prelu.default") -> bool:
+            if prelu and _rank(node.args[0]) != 4:
+                return False
+            return not (left_out and left_out(node)) and inner(node, program)
+        config.check_constraints = check
+    return partitioner
+
+
+def _rank(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 def write_bundle(bundled_program, path) -> None:
