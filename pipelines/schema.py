@@ -46,6 +46,11 @@ class CalibrationSource(str, Enum):
     dataset = "dataset"
 
 
+class CalibrationTransform(str, Enum):
+    steps = "steps"  # the part's raw.preprocess steps, as the artifact runs them (onnxruntime)
+    reference = "reference"  # the part's raw.reference (the app's Python)
+
+
 class CalibrateMethod(str, Enum):
     MinMax = "MinMax"
     Entropy = "Entropy"
@@ -279,7 +284,10 @@ class CalibrationConfig:
     samples: int = 128
     batch_size: int = 16
     seed: int = 0
-    files: List[str] = field(default_factory=list)  # .npz / .npy for source=files
+    # source=files: .npz/.npy arrays of the inputs, or images / .wav recordings (or folders of them)
+    # taken through the part's raw preprocessing
+    files: List[str] = field(default_factory=list)
+    transform: CalibrationTransform = CalibrationTransform.steps  # of images/recordings: steps | reference
 
 
 @dataclass

@@ -1,13 +1,12 @@
 """calibrate: representative inputs for quantization, one .npz shared by every format and precision."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from pipelines.errors import PipelineError, root_cause
 from pipelines.registry import StageContext, stage
 
+from .support.sample_files import examples_from_files, expand
 from .support.tensors import as_examples, dataset_files, synthetic_examples
 
 
@@ -15,12 +14,16 @@ def _files(view) -> list[str]:
     """The outside files calibration reads (the runner hashes them into its key)."""
     calibration = view["calibration"]
     if calibration["source"] == "files":
-        return list(calibration["files"])
+        try:
+            return [str(path) for path in expand(list(calibration["files"]))]
+        except PipelineError:  # the stage itself says what is wrong with them
+            return list(calibration["files"])
     return dataset_files(view["part"]["calibration_data"]) if calibration["source"] == "dataset" else []
 
 
-@stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data"),
-       code=("stages.support.tensors",), reads=_files)
+@stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data", "part.raw"),
+       code=("stages.support.tensors", "stages.support.sample_files", "stages.support.raw",
+             "stages.processing", "stages.formats.onnx_session"), reads=_files)
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg.calibration
     specs = list(ctx.cfg.part.inputs)
@@ -28,8 +31,7 @@ def run(ctx: StageContext) -> dict:
         examples = synthetic_examples(specs, cfg.samples, cfg.seed)
         origin = f"synthetic (seed {cfg.seed})"
     elif cfg.source == "files":
-        examples = _from_files([Path(f) for f in cfg.files], specs)
-        origin = ", ".join(Path(f).name for f in cfg.files)
+        examples, origin = examples_from_files(list(cfg.files), specs, ctx.cfg.part.raw, cfg.transform)
     else:
         examples, origin = _from_dataset(ctx.cfg.part.calibration_data, specs, cfg)
     count = len(next(iter(examples.values())))
@@ -40,26 +42,6 @@ def run(ctx: StageContext) -> dict:
     used = len(next(iter(examples.values())))
     return {"source": cfg.source, "origin": origin, "samples": used,
             "summary": f"{used} examples from {origin}"}
-
-
-def _from_files(paths: list[Path], specs) -> dict[str, np.ndarray]:
-    if not paths:
-        raise PipelineError("calibration.source=files but calibration.files is empty",
-                            fix="list .npz/.npy files in calibration.files")
-    parts: dict[str, list[np.ndarray]] = {}
-    for path in paths:
-        if not path.is_file():
-            raise PipelineError(f"calibration file {path} does not exist",
-                                fix="fix the path in calibration.files")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise PipelineError(f"calibration file {path} is not a readable .npz/.npy ({exc})",
-                                fix="save it with numpy.savez / numpy.save") from exc
-        arrays = dict(loaded) if path.suffix == ".npz" else {specs[0]["name"]: loaded}
-        for name, array in as_examples(arrays, specs, str(path)).items():
-            parts.setdefault(name, []).append(array)
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
 def _from_dataset(dataset, specs, cfg) -> tuple[dict[str, np.ndarray], str]:
