@@ -80,6 +80,96 @@ def static_encodec_padding(net: nn.Module) -> None:
                                                                total=total)
 
 
+def import_vision() -> None:
+    """Import torchvision (and so timm) beside the CPU torch.
+
+    PyPI's torchvision 0.28.0 is a CUDA build: its _C.so needs libc10_cuda.so, which the CPU torch
+    lacks, so its C++ operators are absent (extension.py's `_load_library` fails quietly). It then
+    registers fake kernels for torchvision::nms and ::qnms without asking whether they exist
+    (torchvision/_meta_registrations.py:163 and 177, unguarded, unlike the `register_meta` ones
+    above them), and `import torchvision` raises "operator torchvision::nms does not exist".
+    Their schemas are defined here first. The models are pure Python and need none of the C++
+    operators; exported parts stop before non-maximum suppression, which an app runs."""
+    import importlib.util
+
+    if "torchvision" in __import__("sys").modules or importlib.util.find_spec("torchvision") is None:
+        return
+    if not hasattr(torch.ops.torchvision, "nms"):
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _KEEP.append(library)
+    import torchvision  # noqa: F401
+
+
+_KEEP: list = []  # the schema library lives as long as the process
+
+
+class VisionModel(nn.Module):
+    """A torchvision or timm architecture from its builder and arguments, random init, no weights
+    fetched (`weights=None` for torchvision, `pretrained=False` for timm). forward returns the
+    `outputs` entries of a dict result (segmentation models' {"out": ...}), else the tensor."""
+
+    def __init__(self, builder: str, kwargs: Mapping[str, Any] | None = None, outputs: Sequence[str] = ()):
+        super().__init__()
+        import_vision()
+        kwargs = dict(_plain(kwargs) or {})
+        if builder.startswith("timm."):
+            import timm
+
+            self.net = timm.create_model(builder.removeprefix("timm."), pretrained=False, **kwargs)
+        else:
+            self.net = _dotted(builder)(weights=None, **kwargs)
+        self.outputs = list(_plain(outputs))
+
+    def forward(self, images: torch.Tensor):
+        out = self.net(images)
+        return tuple(out[key] for key in self.outputs) if self.outputs else out
+
+
+class DetectorHeads(nn.Module):
+    """A torchvision single-shot detector (SSD, SSDlite, RetinaNet, FCOS) up to its heads: images
+    (N, 3, H, W) -> box regression (N, anchors, 4) and class logits (N, anchors, classes), what an
+    app decodes against the anchors and filters with non-maximum suppression."""
+
+    def __init__(self, builder: str, kwargs: Mapping[str, Any] | None = None):
+        super().__init__()
+        import_vision()
+        self.net = _dotted(builder)(weights=None, weights_backbone=None, **dict(_plain(kwargs) or {}))
+
+    def forward(self, images: torch.Tensor):
+        features = self.net.backbone(images)
+        heads = self.net.head(list(features.values()) if isinstance(features, Mapping) else [features])
+        return heads["bbox_regression"], heads["cls_logits"]
+
+
+def detector_boxes(outputs: Mapping[str, np.ndarray], builder: str, kwargs: Mapping[str, Any],
+                   image: Sequence[int]) -> dict[str, np.ndarray]:
+    """The app's decode step of DetectorHeads: each anchor's box (x1, y1, x2, y2) in pixels from
+    its regression (the detector's own anchor generator and box coder) and its best class score
+    (softmax for SSD, sigmoid for the others), per image: {"boxes": (N, A, 4), "scores": (N, A)}."""
+    import_vision()
+    net = _detector(builder, tuple(sorted(_plain(kwargs).items())))
+    regression, logits = torch.as_tensor(outputs["box_regression"]), torch.as_tensor(outputs["class_logits"])
+    height, width = image
+    with torch.no_grad():
+        images = torch.zeros(1, 3, height, width)
+        features = net.backbone(images)
+        features = list(features.values()) if isinstance(features, Mapping) else [features]
+        from torchvision.models.detection.image_list import ImageList
+
+        anchors = net.anchor_generator(ImageList(images, [(height, width)]), features)[0]
+        boxes = torch.stack([net.box_coder.decode_single(r, anchors) for r in regression])
+        scores = logits.softmax(-1)[..., 1:] if "ssd" in builder else logits.sigmoid()
+    return {"boxes": boxes.numpy(), "scores": scores.max(-1).values.numpy()}
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(builder: str, kwargs: tuple) -> nn.Module:
+    torch.manual_seed(SEED)
+    return _dotted(builder)(weights=None, weights_backbone=None, **dict(kwargs)).eval()
+
+
 class RecurrentNet(nn.Module):
     """Frame features (B, T, F) -> Linear -> a multi-layer torch GRU or LSTM -> per-frame logits."""
 

@@ -14,8 +14,8 @@ APP_SIDE = ("app_steps.onnx", "labels.json")  # what ships beside the artifact f
 
 
 @stage("lower", needs=("preprocess",), config=("precision.name", "format"),
-       code=("stages.formats", "stages.upstream"),
-       artifacts=("model.*", "io.json", "state.json", *APP_SIDE))
+       code=("stages.formats", "stages.upstream", "stages.support.repro"),
+       artifacts=("model.*", "io.json", "state.json", "repro", *APP_SIDE))
 def run(ctx: StageContext) -> dict:
     source = ctx.input("preprocess").dir
     io = json.loads((source / "io.json").read_text())  # the program quantize picked, processing inside

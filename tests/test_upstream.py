@@ -622,7 +622,7 @@ class FaceHead(nn.Module):
         return self.head(self.prelu2(self.dense(x.flatten(1))))
 
 
-FACES = [spec("x", [1, 3, 12, 12])]
+FACES = [spec("x", [1, 3, 12, 12], dynamic=DYNAMIC_BATCH)]
 
 
 def test_xnnpack_still_fails_on_a_prelu_after_a_linear():
@@ -641,15 +641,23 @@ def test_a_prelu_after_a_linear_is_lowered_and_matches(tmp_path):
     path = lowered(module, FACES, "fp32", tmp_path)
     stats = json.loads((path.parent / "program_stats.json").read_text())
     assert stats["left_out_of_delegate"] == [] and stats["warnings"] == []
-    x = torch.randn(1, 3, 12, 12)
+    assert stats["non_delegated_ops"] == []  # the PReLUs on XNNPACK's kernel, 4-D views around one
+    x = torch.randn(5, 3, 12, 12)
     assert (run_pte(path, x) - module(x).detach()).abs().max() < 1e-5
 
 
-def test_a_module_the_delegate_fails_on_is_named_and_left_out(tmp_path, monkeypatch):
-    """Any lowering failure on a module's node: that module runs on the portable kernels, said."""
-    from stages.upstream import executorch
+def test_a_module_the_delegate_fails_on_is_left_out_and_leaves_a_repro(tmp_path, monkeypatch):
+    """Any lowering failure on a module's node: that module runs on the portable kernels, said;
+    repro/<module> holds the smallest failing module alone, its inputs and the stock lowering
+    call, and its script reproduces the failure in a fresh process."""
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(executorch, "_rank", lambda node: 4)  # the PReLU workaround off
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from stages.formats import pte
+
+    monkeypatch.setattr(pte, "prelu_in_four_dims", lambda graph: PassResult(graph, False))  # workaround off
     torch.manual_seed(0)
     module = FaceHead().eval()
     path = lowered(module, FACES, "fp32", tmp_path)
@@ -660,3 +668,10 @@ def test_a_module_the_delegate_fails_on_is_named_and_left_out(tmp_path, monkeypa
     assert "where" in stats["non_delegated_ops"]  # the PReLU, decomposed for the portable kernels
     x = torch.randn(1, 3, 12, 12)
     assert (run_pte(path, x) - module(x).detach()).abs().max() < 1e-5
+    assert stats["left_out_of_delegate"][0]["repro"] == "repro/prelu2 (prelu2, 1 operators)"
+    folder = path.parent / "repro" / "prelu2"
+    assert "ChannelsLastTaggedReshapePass" in (folder / "README.md").read_text()
+    assert [tuple(t.shape) for t in torch.load(folder / "inputs.pt")] == [(1, 16)]
+    done = subprocess.run([sys.executable, "repro.py"], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "reproduced: AssertionError: Attempting to convert non-NHWC compatible node to NHWC" in done.stderr

@@ -20,7 +20,7 @@ from ..support.model_builder import as_step, used_tensors
 from ..support.state_io import state_nodes
 from ..support.streaming import carry
 from ..upstream.executorch import (FP16_UNSAFE_OPS, conv_backends_off, edge_compile_config,
-                                  restore_integer_scalars, xnnpack_partitioner)
+                                  prelu_in_four_dims, restore_integer_scalars, xnnpack_partitioner)
 from . import Job, calibration_batches, link_or_copy, weight_summary
 from .fx_graph import (module_outputs, module_types, reexport, requantized, to_half,
                        with_outputs, within)
@@ -177,7 +177,8 @@ def lower(job: Job) -> dict[str, Any]:
 
     stats = _program_stats(torch.export.load(job.source / PROGRAM))
     artifact = job.workdir / f"model{SUFFIX}"
-    edge, left_out = _lowered(lambda: torch.export.load(job.source / PROGRAM), job.fmt, artifact)
+    edge, left_out = _lowered(lambda: torch.export.load(job.source / PROGRAM), job.fmt, artifact,
+                              repros=(job.workdir / "repro", job.io["inputs"]))
     delegation = get_delegation_info(edge.exported_program().graph_module)
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
@@ -189,7 +190,7 @@ def lower(job: Job) -> dict[str, Any]:
     stats["left_out_of_delegate"] = left_out
     stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"]) + [
         f"module {failed['module']} left out of the XNNPACK delegate, on ExecuTorch's portable kernels: "
-        f"lowering it failed ({failed['error']})" for failed in left_out]
+        f"lowering it failed ({failed['error']}); upstream repro: {failed['repro']}" for failed in left_out]
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
     return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
             "warnings": stats["warnings"], "left_out_of_delegate": [f["module"] for f in left_out]}
@@ -198,22 +199,51 @@ def lower(job: Job) -> dict[str, Any]:
 RETRIES = 4  # modules left out of the delegate before a lowering failure is the user's to fix
 
 
-def _lowered(load: Callable[[], torch.export.ExportedProgram], fmt, path: Path) -> tuple[Any, list[dict]]:
+def _lowered(load: Callable[[], torch.export.ExportedProgram], fmt, path: Path,
+             repros: tuple[Path, list] | None = None) -> tuple[Any, list[dict]]:
     """_to_executorch on a freshly loaded program; when the XNNPACK delegate fails on a node of
     a module, again with that module left out of the delegate (its ops on the portable kernels).
-    Returns the edge program and the modules left out, each with the error that made it so."""
+    Returns the edge program and the modules left out, each with the error that made it so.
+    `repros` (folder, input specs): each failure leaves a repro there (stages/support/repro.py)."""
     left_out: list[dict] = []
     while True:
+        modules = [failed["module"] for failed in left_out]
         try:
-            modules = [failed["module"] for failed in left_out]
             edge = _to_executorch([load()], fmt, path, lambda node: within(node, modules))
             return edge, left_out
         except PipelineError as exc:
+            failed = {"module": exc.module, "error": exc.message.split(": ", 1)[-1][:300]}
+            if repros:
+                failed["repro"] = _repro(repros, load(), fmt, exc)
             if not (fmt.xnnpack and exc.module) or exc.module in modules or len(left_out) == RETRIES:
+                if repros:
+                    exc.fix += f"; a repro for ExecuTorch's maintainers is in the part's {failed['repro']}"
                 raise
             logging.getLogger(__name__).warning("lowering failed on module %s: retrying with it left out "
                                                 "of the XNNPACK delegate", exc.module)
-            left_out.append({"module": exc.module, "error": exc.message.split(": ", 1)[-1][:300]})
+            left_out.append(failed)
+
+
+STOCK_LOWERING = """from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import to_edge_transform_and_lower
+
+partitioners = [XnnpackPartitioner()] if XNNPACK else []
+to_edge_transform_and_lower(program, partitioner=partitioners).to_executorch()
+"""
+
+
+def _repro(repros: tuple[Path, list], program: torch.export.ExportedProgram, fmt, exc: PipelineError) -> str:
+    """The failure as a folder an ExecuTorch maintainer can run: the smallest failing module, its
+    inputs, the stock lowering call (no workaround of ours); its path relative to the stage's."""
+    from ..support.repro import lowering_repro
+
+    folder, specs = repros
+    call = STOCK_LOWERING.replace("XNNPACK", str(bool(fmt.xnnpack)))
+    target = folder / (exc.module or "part")
+    written = lowering_repro(target, program, specs, exc.module, exc.message.split(": ", 1)[-1],
+                             "ExecuTorch lowering", ("torch", "executorch", "torchao"), call,
+                             lambda cut: exec(call, {"program": cut}))
+    return f"repro/{target.name} ({written['module'] or 'the whole part'}, {written['nodes']} operators)"
 
 
 def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path,
@@ -230,6 +260,7 @@ def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path
     with conv_backends_off():  # else a dynamic batch is planned for 15 rows (upstream bug)
         try:
             edge = to_edge_transform_and_lower(programs[0], partitioner=partitioners,
+                                               transform_passes=[prelu_in_four_dims] if fmt.xnnpack else None,
                                                compile_config=edge_compile_config(programs[0]))
         except Exception as exc:
             raise lowering_failure("ExecuTorch lowering", exc, programs[0]) from exc

@@ -90,29 +90,74 @@ RECURRENT = {"aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu"}
 
 
 def xnnpack_partitioner(left_out: Callable[[torch.fx.Node], bool] | None = None):
-    """ExecuTorch's XnnpackPartitioner, with PReLU taken only on 4-D inputs, and the nodes
-    `left_out` says not taken at all: they stay outside the delegate, on ExecuTorch's portable
-    kernels (decomposed where the partitioner would have kept them whole).
-
-    PReLU on a tensor of another rank (after a Linear: MTCNN's face detectors, many audio heads)
-    fails the delegate's preprocessing: `PreluConfig.check_constraints`
-    (backends/xnnpack/partition/config/node_configs.py:117) accepts any rank, while
-    `ChannelsLastTaggedReshapePass.memory_sensitive_ops_nhwc` (backends/xnnpack/_passes/
-    channels_last_tagged_reshape_pass.py:67) lists prelu as needing an NHWC input, which
-    `input_to_nhwc` (line 397) can make only of a 4-D tensor: "Attempting to convert non-NHWC
-    compatible node to NHWC". Unchanged upstream as of 2026-08. Refused by the partitioner, such
-    a PReLU decomposes into elementwise ops that XNNPACK takes (tests/test_upstream.py).
-    """
+    """ExecuTorch's XnnpackPartitioner, refusing what its delegate then fails on (a PReLU that
+    `prelu_in_four_dims` cannot make 4-D), and the nodes `left_out` names: those stay outside
+    the delegate, on ExecuTorch's portable kernels (decomposed where the partitioner would have
+    kept them whole)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     partitioner = XnnpackPartitioner()
     for name, config in partitioner.target_partitioner_configs.items():
         def check(node, program, inner=config.check_constraints, prelu=name == "prelu.default") -> bool:
-            if prelu and _rank(node.args[0]) != 4:
+            if prelu and _four_dims(node.args[0]) is None:
                 return False
             return not (left_out and left_out(node)) and inner(node, program)
         config.check_constraints = check
     return partitioner
+
+
+def prelu_in_four_dims(graph_module: torch.fx.GraphModule):
+    """A transform pass (edge dialect): every PReLU of a 2-D or 3-D input runs on a 4-D view of it.
+
+    XNNPACK takes a PReLU of any rank: `PreluConfig.check_constraints`
+    (backends/xnnpack/partition/config/node_configs.py:117) checks only its weight. Its delegate's
+    `ChannelsLastTaggedReshapePass` then lists prelu among the ops that need an NHWC input
+    (backends/xnnpack/_passes/channels_last_tagged_reshape_pass.py:67), which `input_to_nhwc`
+    (line 397) can make only of a 4-D tensor: "Attempting to convert non-NHWC compatible node
+    to NHWC" (a PReLU after a Linear: MTCNN's face detectors, many audio heads). Unchanged
+    upstream as of 2026-08. (N, C) and (N, C, L) inputs are viewed as (N, C, L, 1): the same
+    per-channel PReLU, on XNNPACK's own kernel (tests/test_upstream.py)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    graph, view = graph_module.graph, exir_ops.edge.aten.view_copy.default
+    modified = False
+    for node in [n for n in graph.nodes if n.target == exir_ops.edge.aten.prelu.default]:
+        source, weight = node.args
+        four = _four_dims(source)
+        if four is None or _rank(source) == 4:
+            continue
+        shape = list(source.meta["val"].shape)
+        with graph.inserting_before(node):
+            viewed = graph.call_function(view, (source, four))
+        with graph.inserting_after(node):
+            back = graph.call_function(view, (node, [-1, *shape[1:]]))
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        node.args = (viewed, weight)
+        for new in (viewed, back):
+            new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+        viewed.meta["val"] = source.meta["val"].view(four)
+        node.meta["val"] = torch.ops.aten.prelu.default(viewed.meta["val"], weight.meta["val"])
+        back.meta["val"] = node.meta["val"].view([-1, *shape[1:]])
+        modified = True
+    if modified:
+        graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, modified)
+
+
+def _four_dims(node) -> list[int] | None:
+    """The 4-D shape a PReLU input is run at (its own if 4-D); None if its trailing dims are
+    not all known (a dynamic channel or length cannot be viewed statically)."""
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3, 4):
+        return None
+    if value.dim() == 4:
+        return list(value.shape)
+    rest = list(value.shape[1:])
+    if not all(isinstance(d, int) for d in rest):
+        return None
+    return [-1, *rest, *[1] * (4 - value.dim())]
 
 
 def _rank(node) -> int | None:
