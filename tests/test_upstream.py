@@ -641,7 +641,9 @@ def test_a_prelu_after_a_linear_is_lowered_and_matches(tmp_path):
     path = lowered(module, FACES, "fp32", tmp_path)
     stats = json.loads((path.parent / "program_stats.json").read_text())
     assert stats["left_out_of_delegate"] == [] and stats["warnings"] == []
-    assert stats["non_delegated_ops"] == []  # the PReLUs on XNNPACK's kernel, 4-D views around one
+    # the PReLUs on XNNPACK's kernel, 4-D views around one (a dynamic batch keeps the ceil-mode
+    # pool and the flatten's view on the portable kernels: XNNPACK's own rules)
+    assert not {"prelu", "gt", "where"} & set(stats["non_delegated_ops"]), stats["non_delegated_ops"]
     x = torch.randn(5, 3, 12, 12)
     assert (run_pte(path, x) - module(x).detach()).abs().max() < 1e-5
 
