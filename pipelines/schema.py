@@ -140,6 +140,7 @@ class ToleranceOverride:
     max_accuracy_drop: Optional[float] = MISSING
     min_top1_agreement: Optional[float] = MISSING
     min_map_iou: Optional[float] = MISSING
+    min_box_iou: Optional[float] = MISSING
 
 
 @dataclass
@@ -166,6 +167,9 @@ class PartConfig:
     # class axis (default: the last up to rank 3, axis 1 for (N, C, H, W) maps); null = the
     # outputs named like logits/scores/probs
     scores: Optional[Any] = None
+    # detectors: the app's decode step, judged by box IoU with eager's:
+    # {decode: {_target_: fn(outputs={name: array}, ...) -> {boxes: (N, K, 4), scores: (N, K)}}, top: 50}
+    boxes: Optional[Dict[str, Any]] = None
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
     state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}
@@ -210,6 +214,7 @@ class Tolerance:
     max_accuracy_drop: Optional[float] = None  # percentage points, for models with labels
     min_top1_agreement: Optional[float] = None  # fraction of held-out samples (positions, for maps)
     min_map_iou: Optional[float] = None  # dense score maps: mean IoU of the argmax masks with eager's
+    min_box_iou: Optional[float] = None  # parts with `boxes`: mean IoU of the decoded boxes with eager's
 
 
 @dataclass

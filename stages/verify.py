@@ -210,7 +210,8 @@ def _held_out_report(ctx: StageContext, io, eager, artifact) -> tuple[dict[str, 
         expected.append(eager(batch))
         actual.append(artifact(batch))
     report = {"held_out": origin, "examples": len(next(iter(examples.values()))),
-              **judge(expected, actual, io["outputs"], class_scores(ctx.cfg.part, io), labels)}
+              **judge(expected, actual, io["outputs"], class_scores(ctx.cfg.part, io), labels,
+                    boxes=ctx.cfg.part.boxes)}
     save_held_out(ctx.workdir / HELD_OUT, examples, io["outputs"], expected, labels)
     return report, (next(batches(examples, specs, size)), actual[0])
 

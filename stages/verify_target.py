@@ -123,7 +123,7 @@ def _verify_was_native(verify: dict[str, Any]) -> dict[str, Any]:
 
     from .runtimes.device_worker import cpu_features
 
-    keys = ("held_out", "examples", "outputs", "scores", "top1_agreement", "map_iou", "accuracy", "stream", "diagnosis")
+    keys = ("held_out", "examples", "outputs", "scores", "top1_agreement", "map_iou", "boxes", "accuracy", "stream", "diagnosis")
     return {"status": "pass" if verify["passed"] else "fail", "passed": verify["passed"], "mode": "native",
             "runtime": f"{verify['runtime']}, native ({host_cpu()['model']}): verify's own run",
             "cpu": cpu_features(), "reason": verify["reason"] or "verify's figures, on this host",
@@ -164,7 +164,7 @@ def _held_out(ctx: StageContext, verify_dir, io, session) -> tuple[dict[str, Any
     return {"held_out": "verify's", **judge(
         [[eager[name] for name in io["outputs"]]],
         [[np.concatenate([a[i] for a in actual]) for i in range(len(io["outputs"]))]],
-        io["outputs"], class_scores(ctx.cfg.part, io), labels)}, (feeds[0], actual[0])
+        io["outputs"], class_scores(ctx.cfg.part, io), labels, boxes=ctx.cfg.part.boxes)}, (feeds[0], actual[0])
 
 
 def _stream(verify_dir, io, session, tolerance, report: dict[str, Any]) -> dict[str, Any]:

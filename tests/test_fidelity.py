@@ -73,3 +73,27 @@ def test_channels_last_maps_declare_their_axis():
     assert judged(eager, eager, axis=-1)["top1_agreement"]["probs"] == 1.0
     assert judged(eager, eager, axis=-1)["scores"]["probs"]["how"] == "declared"
     assert judged(eager, eager)["scores"]["probs"]["axis"] == 1  # the default would read the height
+
+
+def corner_boxes(outputs, scale: float = 1.0) -> dict:
+    """A decode step as a part names one: (N, K, 4) offsets from a fixed grid of anchors."""
+    anchors = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 20, 10, 30]], np.float64) * scale
+    return {"boxes": anchors[None] + outputs["deltas"], "scores": outputs["logits"].max(-1)}
+
+
+def test_boxes_are_judged_by_iou_after_the_apps_decode_step():
+    deltas = np.zeros((2, 3, 4))
+    logits = np.array([[[0.9], [0.1], [0.5]], [[0.2], [0.8], [0.7]]])
+    shifted = deltas.copy()
+    shifted[:, :, [0, 2]] += 5.0  # every box moves half its width: IoU 50/150
+    decode = {"decode": {"_target_": "tests.test_fidelity.corner_boxes"}, "top": 2}
+    report = judge([[deltas, logits]], [[shifted, logits]], ["deltas", "logits"], {}, None, boxes=decode)
+    assert report["boxes"]["mean_iou"] == pytest.approx(1 / 3) and report["boxes"]["matched"] == 0.0
+    assert report["boxes"]["top"] == 2
+    tolerance = OmegaConf.create({"max_abs": None, "mean_abs": None, "min_cosine": None,
+                                  "min_top1_agreement": None, "min_box_iou": 0.9})
+    passed, reason = check(report, tolerance)
+    assert not passed and "decoded boxes' mean IoU with eager's 33.33% (top 2 per example" in reason
+    with pytest.raises(PipelineError, match="part.boxes.decode tests.test_fidelity.corner_boxes failed"):
+        judge([[deltas, logits]], [[shifted, logits]], ["deltas", "logits"], {}, None,
+              boxes={"decode": {"_target_": "tests.test_fidelity.corner_boxes", "wrong": 1}})

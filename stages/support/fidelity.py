@@ -30,10 +30,12 @@ def load_held_out(path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], n
 
 
 def judge(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], outputs: list[str],
-          scores: Mapping[str, int | None], labels: np.ndarray | None) -> dict[str, Any]:
+          scores: Mapping[str, int | None], labels: np.ndarray | None,
+          boxes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Batch-by-batch outputs compared output by output; for the outputs that are class scores,
     top-1 agreement with eager on their class axis (every position of a dense map, and the maps'
-    mean IoU); accuracy of the first output when there are labels."""
+    mean IoU); the IoU of the boxes the part's `boxes.decode` makes of both sides' outputs;
+    accuracy of the first output when there are labels."""
     joined = {name: (np.concatenate([e[i] for e in expected]), np.concatenate([a[i] for a in actual]))
               for i, name in enumerate(outputs)}
     report: dict[str, Any] = {"outputs": {name: compare(*pair) for name, pair in joined.items()}}
@@ -46,9 +48,45 @@ def judge(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], outp
         maps = {name: map_iou(*joined[name], layout["axis"]) for name, layout in layouts.items() if layout["map"]}
         if maps:
             report["map_iou"] = maps
+    if boxes:
+        report["boxes"] = box_agreement({n: e for n, (e, _) in joined.items()},
+                                        {n: a for n, (_, a) in joined.items()}, boxes)
     if labels is not None:
         report["accuracy"] = {**classification(*joined[outputs[0]], labels), "output": outputs[0]}
     return report
+
+
+def box_agreement(eager: Mapping[str, np.ndarray], artifact: Mapping[str, np.ndarray],
+                  boxes: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's decode step (`boxes.decode`: outputs -> {"boxes": (N, K, 4) x1 y1 x2 y2,
+    "scores": (N, K)}) on both sides; the IoU of each of eager's `top` best boxes per example
+    with the artifact's box at the same place (anchor), and the share at IoU >= 0.5."""
+    from hydra.utils import instantiate
+
+    from pipelines.errors import PipelineError, root_cause
+
+    decode = dict(boxes["decode"])
+    try:
+        mine, theirs = instantiate(decode, outputs=dict(eager)), instantiate(decode, outputs=dict(artifact))
+    except Exception as exc:
+        raise PipelineError(f"part.boxes.decode {decode.get('_target_')} failed: {root_cause(exc)}",
+                            fix=f"it is called as {decode.get('_target_')}(outputs={{output name: array}}, "
+                                "<its config keys>) and returns {'boxes': (N, K, 4), 'scores': (N, K)}") from exc
+    top = min(int(boxes.get("top", 50)), mine["scores"].shape[1])
+    best = np.argsort(-mine["scores"], axis=1)[:, :top]
+    pick = lambda decoded: np.take_along_axis(decoded["boxes"], best[..., None], axis=1)  # noqa: E731
+    iou = _iou(pick(mine), pick(theirs))
+    return {"decode": decode.get("_target_"), "top": top, "mean_iou": float(iou.mean()),
+            "matched": float((iou >= 0.5).mean())}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes (..., 4) as x1, y1, x2, y2, pairwise along the leading dims."""
+    low, high = np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])
+    inter = np.clip(high - low, 0, None).prod(-1)
+    area = lambda box: np.clip(box[..., 2:] - box[..., :2], 0, None).prod(-1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
 
 
 def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -177,6 +215,10 @@ def check(report: dict[str, Any], tol) -> tuple[bool, str]:
             where = _positions(layouts.get(name))
             return False, (f"output '{name}' top-1 agreement with eager {value:.2%}{where} < "
                            f"{tol.min_top1_agreement:.0%}")
+    found = report.get("boxes")
+    if found and tol.get("min_box_iou") is not None and found["mean_iou"] < tol.min_box_iou:
+        return False, (f"the decoded boxes' mean IoU with eager's {found['mean_iou']:.2%} (top {found['top']} "
+                       f"per example, {found['matched']:.0%} at IoU >= 0.5) < {tol.min_box_iou:.0%}")
     for name, value in (report.get("map_iou") or {}).items():
         if tol.get("min_map_iou") is not None and value < tol.min_map_iou:
             return False, (f"output '{name}' mean IoU of its class maps with eager's {value:.2%} < "
