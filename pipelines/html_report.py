@@ -123,6 +123,8 @@ def _details(i: int, r: dict[str, Any]) -> str:
     threads = f", {r['threads']} thread{'s' * (r['threads'] != 1)}" if r.get("threads") else ""
     items.append(("runtime", escape(f"{r.get('runtime') or 'runtime not recorded'}{threads}"
                                     + (": " + ", ".join(times) if times else ""))))
+    if profile := r.get("profile"):
+        items.append(("time", _profile(profile)))
     for name, d in (r.get("devices") or {}).items():
         figures = ", ".join(f"{k} {format(d[key], spec)}" for k, key, spec in (
             ("max abs", "max_abs", ".2e"), ("cosine", "cosine", ".5f"), ("top-1", "top1_agreement", ".2%"),
@@ -135,6 +137,15 @@ def _details(i: int, r: dict[str, Any]) -> str:
     body = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     return (f'<section id="cell-{i}" style="--c:{COLOURS.get(r.get("status"), OTHER)}">'
             f"<h3>{_badge(r.get('status'))} {escape(_name(r))}</h3><dl>{body}</dl></section>")
+
+
+def _profile(profile: dict[str, Any]) -> str:
+    """Why the cell is slower than eager: the runtime's own per-operator times."""
+    rows = "".join(f'<tr><td><code>{escape(o["op"])}</code></td><td>{escape(o["where"])}</td>'
+                   f'<td class="n">{o["ms"]:.3g}</td><td class="n">{o["share"]:.0%}</td></tr>' for o in profile["ops"])
+    more = f"<div>and {profile['others']} more operators</div>" if profile.get("others") else ""
+    return (f'<div class="why">{escape(profile["why"])}</div><table><tr><th>operator</th><th>where</th>'
+            f"<th>ms/call</th><th>share</th></tr>{rows}</table>{more}")
 
 
 def _diagnosis(r: dict[str, Any]) -> str:

@@ -119,7 +119,8 @@ def _latency_columns(latency: dict[str, Any] | None) -> dict[str, Any]:
     latency = latency or {}
     return {"runtime": latency.get("runtime"), "threads": latency.get("threads"),
             "latency_p50_ms": latency.get("p50_ms"), "latency_p90_ms": latency.get("p90_ms"),
-            "eager_p50_ms": latency.get("eager_p50_ms"), "speedup": latency.get("speedup")}
+            "eager_p50_ms": latency.get("eager_p50_ms"), "speedup": latency.get("speedup"),
+            "profile": latency.get("profile")}
 
 
 def _target_columns(target: dict[str, Any] | None) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(f"{r['model']}/{r['part']} {r['precision']} {r['format']}", text)
             for r in rows for text in ([r["error"]] if r["error"] else [])
             + [f"warning: {w}" for w in r["warnings"]]
+            + ([f"time: {r['profile']['why']}"] if r.get("profile") else [])
             + ([f"target {r['target_status'].upper()}: {r['target_reason']}"]
                if r["target_status"] in ("fail", "skipped", "partial") else [])]
 
@@ -179,7 +181,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 def write(rows: list[dict[str, Any]], sweep_dir: Path, cache_dir: str | None = None) -> None:
     (sweep_dir / "matrix.json").write_text(json.dumps(rows, indent=1))
     devices = device_names(rows)
-    flat = [{**{k: v for k, v in r.items() if k != "devices"},
+    flat = [{**{k: v for k, v in r.items() if k != "devices"}, "profile": (r.get("profile") or {}).get("why"),
              **{f"device:{name}": device_cell(r["devices"].get(name)) for name in devices}} for r in rows]
     with open(sweep_dir / "matrix.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(flat[0]))

@@ -32,7 +32,7 @@ def part_report(run: PartRun, run_dir: Path) -> dict[str, Any]:
 
 def _latency(benchmark: dict[str, Any]) -> dict[str, Any] | None:
     keys = ("runtime", "threads", "p50_ms", "p90_ms", "runs", "eager_p50_ms", "speedup", "load_average",
-            "steps")
+            "steps", "profile")
     return {k: benchmark[k] for k in keys if k in benchmark} if "p50_ms" in benchmark else None
 
 
@@ -136,6 +136,8 @@ def summary_table(report: dict[str, Any]) -> str:
     notes = [f"  {p['part']}: {p['error'] or p['repair']}" for p in report["parts"]
              if p["error"] or p["repair"]]
     notes += [f"  {p['part']}: warning: {w}" for p in report["parts"] for w in p["warnings"]]
+    notes += [f"  {p['part']}: time: {p['latency']['profile']['why']}" for p in report["parts"]
+              if (p["latency"] or {}).get("profile")]
     notes += [f"  {p['part']}: target {p['target']['status'].upper()}: {p['target']['reason']}"
               for p in report["parts"] if p["target"] and p["target"]["status"] in ("fail", "skipped", "partial")]
     devices = device_table(report)

@@ -46,6 +46,12 @@ class CalibrationSource(str, Enum):
     dataset = "dataset"
 
 
+class ProfileWhen(str, Enum):
+    slower = "slower"
+    always = "always"
+    never = "never"
+
+
 class CalibrationTransform(str, Enum):
     steps = "steps"  # the part's raw.preprocess steps, as the artifact runs them (onnxruntime)
     reference = "reference"  # the part's raw.reference (the app's Python)
@@ -336,6 +342,10 @@ class BenchmarkConfig:
     min_runs: int = 20
     max_runs: int = 500
     min_seconds: float = 1.0
+    # a per-operator profile in the artifact's runtime: when the cell is slower than eager
+    # (slower), always, or never; over `profile_calls` calls
+    profile: ProfileWhen = ProfileWhen.slower
+    profile_calls: int = 20
 
 
 @dataclass

@@ -16,7 +16,8 @@ def _needs(view) -> tuple[str, ...]:
 
 
 @stage("benchmark", needs=_needs, config=("format.name", "benchmark", "preprocess.mode", "part.raw"),
-       code=("stages.formats", "stages.support.tensors", "stages.support.timing", "stages.support.raw"),
+       code=("stages.formats", "stages.support.tensors", "stages.support.timing", "stages.support.raw",
+             "stages.support.profiles"),
        environment=timing.host)
 def run(ctx: StageContext) -> dict:
     cfg, eager = ctx.cfg.benchmark, ctx.input("baseline").result
@@ -35,10 +36,30 @@ def run(ctx: StageContext) -> dict:
     stats = timing.measure(lambda: run_artifact(feed), cfg)
     speedup = round(eager["p50_ms"] / stats["p50_ms"], 3)
     steps = _step_costs(ctx, io, cfg) if "processing" in io else {}
-    return {"runtime": fmt.runtime(), "threads": cfg.threads, **stats, **steps,
+    profiled = cfg.profile == "always" or (cfg.profile == "slower" and speedup < 1.0)
+    profile = _profile(ctx, fmt, lower, io, feed, run_artifact, speedup) if profiled else {}
+    why = f"; {profile['profile']['why']}" if profile else ""
+    return {"runtime": fmt.runtime(), "threads": cfg.threads, **stats, **steps, **profile,
             "eager_p50_ms": eager["p50_ms"], "speedup": speedup,
             "summary": f"p50 {stats['p50_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms: "
-                       f"{speedup:.2f}x eager fp32 ({eager['p50_ms']:.3f} ms)"}
+                       f"{speedup:.2f}x eager fp32 ({eager['p50_ms']:.3f} ms){why}"}
+
+
+def _profile(ctx: StageContext, fmt, lower, io, feed, run_artifact, speedup: float) -> dict:
+    """Per-operator times in the artifact's runtime, and the cost of a new batch size."""
+    from .support.profiles import explain, shape_change_cost, summarize
+    from .support.tensors import batch_axes
+
+    cfg = ctx.cfg.benchmark
+    with timing.exclusive():
+        events = fmt.op_times(lower.dir / lower.result["artifact"], io, feed, cfg.threads, cfg.profile_calls,
+                              ctx.workdir)
+        profile = summarize(events, cfg.profile_calls)
+        change = shape_change_cost(run_artifact, feed, batch_axes(io["inputs"]) if "processing" not in io else None)
+    if change:
+        profile["shape_change"] = change
+    profile["why"] = explain(profile, speedup)
+    return {"profile": profile}
 
 
 def _step_costs(ctx: StageContext, io, cfg) -> dict:

@@ -411,6 +411,21 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
     return run
 
 
+def op_times(artifact: Path, io: dict[str, Any], feed: dict[str, np.ndarray], threads: int, calls: int,
+             workdir: Path) -> list[dict[str, Any]]:
+    """onnxruntime's profiler over `calls` runs of the artifact: one entry per kernel run (its
+    operator type, its execution provider, microseconds)."""
+    graph = session(artifact, threads, profile=workdir / "ort_profile")
+    names = [i.name for i in graph.get_inputs()]
+    for _ in range(calls):
+        graph.run(None, {name: feed[name] for name in names})
+    trace = Path(graph.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    return [{"op": e["args"].get("op_name", e["name"]), "where": e["args"].get("provider", "?"), "us": e["dur"]}
+            for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
 def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     """The quantized graph as written, every node on its own (no graph optimisation, no fused
     int8 kernels), returning its outputs, every module's output, and every module's output as

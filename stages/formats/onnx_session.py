@@ -7,13 +7,14 @@ from ..upstream.onnxruntime import unsafe_optimizers
 
 
 def session(model, threads: int | None = None, as_written: bool = False, level: str | None = None,
-            optimized: Path | None = None, external: bool = False):
+            optimized: Path | None = None, external: bool = False, profile: Path | None = None):
     """Every onnxruntime session here: onnxruntime-extensions registered only when the graph uses
     its ops, the optimizers that crash on the graph switched off (stages/upstream/onnxruntime.py:
     io.json tells an app both), `threads` fixed, `as_written` without fused int8 kernels (the
     numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
     `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph (its
-    weights to <optimized>.data when `external`). `model`: a path or a ModelProto."""
+    weights to <optimized>.data when `external`), `profile` the prefix of onnxruntime's profiler
+    trace (per-node kernel times). `model`: a path or a ModelProto."""
     import onnx
     import onnxruntime as ort
 
@@ -37,6 +38,8 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
                                          optimized.name + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          "1024")
+    if profile:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile)
     if custom_ops:
         from onnxruntime_extensions import get_library_path
 

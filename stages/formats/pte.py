@@ -384,5 +384,36 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
                       dynamic_batch(io["inputs"]))
 
 
+def op_times(artifact: Path, io: dict[str, Any], feed: dict[str, np.ndarray], threads: int, calls: int,
+             workdir: Path) -> list[dict[str, Any]]:
+    """ExecuTorch's ETDump over `calls` runs of the artifact, read with its Inspector: one entry
+    per operator run, XNNPACK's own operators (inside a delegate) and the portable kernels'."""
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(threads)
+    module = _load_for_executorch(str(artifact), enable_etdump=True)
+    inputs = [torch.from_numpy(np.ascontiguousarray(feed[spec["name"]])) for spec in io["inputs"]]
+    for _ in range(calls):
+        module.forward(inputs)
+    dump = workdir / "profile.etdump"
+    module.write_etdump_result_to_file(str(dump))
+    inspector = Inspector(etdump_path=str(dump))
+    dump.unlink()
+    found = []
+    for block in inspector.event_blocks:
+        for event in block.events if block.name == "Execute" else ():
+            name = event.name or ""
+            if not event.perf_data or name in PROFILE_FRAMES:
+                continue
+            where = "XNNPACK" if event.is_delegated_op else "portable kernels"
+            op = name.removeprefix("native_call_").rsplit(" #", 1)[0]
+            found += [{"op": op, "where": where, "us": ms * 1000} for ms in event.perf_data.raw]
+    return found
+
+
+PROFILE_FRAMES = {"Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"}  # spans around the operators
+
+
 def inspect(artifact: Path) -> dict[str, Any]:
     return json.loads((artifact.parent / "program_stats.json").read_text())
