@@ -16,7 +16,8 @@ from .formats import Job, backend
 
 @stage("convert", needs=("wrap",), config=("format", "wrap.state"),
        code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
-             "stages.support.export_errors"))
+             "stages.support.export_errors", "stages.support.repro"),
+       artifacts=("repro",))
 def run(ctx: StageContext) -> dict:
     from .support.state_io import select
 

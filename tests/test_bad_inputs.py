@@ -123,6 +123,10 @@ def test_an_operator_the_format_lacks_is_named_with_its_module(fmt, stage, run_t
     run = run_tiny("model.arch._target_=tests.tiny.CustomOpNet", f"format={fmt}")
     assert run.status == "fail" and f"[{stage}]" in run.error, run.error
     assert "tiny::wobble (from act (Wobble))" in run.error and "fix:" in run.error
+    assert "maintainers is in the part's repro/act (act, 1 operators)" in run.error
+    repro = tmp_path / "run" / "artifacts" / "net" / "repro" / "act"
+    assert {"module.pt2", "inputs.pt", "repro.py", "README.md", "versions.json"} <= {p.name for p in repro.iterdir()}
+    assert "model's own operators tiny.wobble.default" in (repro / "README.md").read_text()
     assert_nothing_cached_for(stage, tmp_path / "cache")
 
 

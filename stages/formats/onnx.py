@@ -66,9 +66,19 @@ def _export(job: Job, path: Path) -> None:
             opset_version=job.fmt.opset, input_names=[s["name"] for s in specs],
             output_names=job.io["outputs"], verbose=False)
     except Exception as exc:
-        raise lowering_failure("torch.onnx (dynamo) export", exc, program) from exc
+        failure = lowering_failure("torch.onnx (dynamo) export", exc, program)
+        if failure.module:
+            from ..support.repro import failure_repro
+
+            where = failure_repro(job.workdir / "repro", program, specs, failure, "torch.onnx (dynamo) export",
+                                  ("torch", "onnx", "onnxscript"), STOCK_EXPORT.format(opset=job.fmt.opset))
+            failure.fix += f"; a repro for the exporter's maintainers is in the part's {where}"
+        raise failure from exc
     _name_dims(onnx_program.model, specs)
     onnx_program.save(str(path), external_data=weight_bytes > STREAMED)  # streamed, never serialized whole
+
+
+STOCK_EXPORT = "torch.onnx.export(program, tuple(inputs), dynamo=True, opset_version={opset})\n"
 
 
 def _name_dims(model, specs: list[dict[str, Any]]) -> None:

@@ -215,13 +215,29 @@ def _lowered(load: Callable[[], torch.export.ExportedProgram], fmt, path: Path,
             failed = {"module": exc.module, "error": exc.message.split(": ", 1)[-1][:300]}
             if repros:
                 failed["repro"] = _repro(repros, load(), fmt, exc)
-            if not (fmt.xnnpack and exc.module) or exc.module in modules or len(left_out) == RETRIES:
+            if (not (fmt.xnnpack and exc.module and _in_delegate(exc.__cause__)) or exc.module in modules
+                    or len(left_out) == RETRIES):
                 if repros:
                     exc.fix += f"; a repro for ExecuTorch's maintainers is in the part's {failed['repro']}"
                 raise
             logging.getLogger(__name__).warning("lowering failed on module %s: retrying with it left out "
                                                 "of the XNNPACK delegate", exc.module)
             left_out.append(failed)
+
+
+def _in_delegate(exc: BaseException | None) -> bool:
+    """Whether the failure came from inside the XNNPACK backend (its partitioner or passes): what
+    leaving a module out of its delegate can avoid (a missing kernel, say, it cannot)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback = exc.__traceback__
+        while traceback is not None:
+            if "backends/xnnpack" in traceback.tb_frame.f_code.co_filename:
+                return True
+            traceback = traceback.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 STOCK_LOWERING = """from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -233,17 +249,13 @@ to_edge_transform_and_lower(program, partitioner=partitioners).to_executorch()
 
 
 def _repro(repros: tuple[Path, list], program: torch.export.ExportedProgram, fmt, exc: PipelineError) -> str:
-    """The failure as a folder an ExecuTorch maintainer can run: the smallest failing module, its
-    inputs, the stock lowering call (no workaround of ours); its path relative to the stage's."""
-    from ..support.repro import lowering_repro
+    """The failure as a folder an ExecuTorch maintainer can run (stages/support/repro.py), with
+    the stock lowering call: no workaround of ours."""
+    from ..support.repro import failure_repro
 
     folder, specs = repros
-    call = STOCK_LOWERING.replace("XNNPACK", str(bool(fmt.xnnpack)))
-    target = folder / (exc.module or "part")
-    written = lowering_repro(target, program, specs, exc.module, exc.message.split(": ", 1)[-1],
-                             "ExecuTorch lowering", ("torch", "executorch", "torchao"), call,
-                             lambda cut: exec(call, {"program": cut}))
-    return f"repro/{target.name} ({written['module'] or 'the whole part'}, {written['nodes']} operators)"
+    return failure_repro(folder, program, specs, exc, "ExecuTorch lowering", ("torch", "executorch", "torchao"),
+                         STOCK_LOWERING.replace("XNNPACK", str(bool(fmt.xnnpack))))
 
 
 def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path,

@@ -109,7 +109,11 @@ def lowering_failure(step: str, exc: Exception, program) -> PipelineError:
     cited = _named_nodes(text, program)
     module = None
     if cited:
-        named = f"operator {', '.join(f'{op} (from {where})' for op, where in cited[:3])}: "
+        named = f"operator {', '.join(f'{op} (from {_module_of(node)})' for op, node in cited[:3])}: "
+        from ..formats.fx_graph import module_paths
+
+        paths = module_paths(cited[0][1])
+        module = paths[-1] if paths else None
     else:
         node, module = _node_in_traceback(exc)
         named = f"{_node_text(node)} of {module or TOP_LEVEL}: " if node is not None else ""
@@ -166,16 +170,16 @@ def _node_in_traceback(exc: BaseException) -> tuple[Any, str | None]:
     return found, (paths[-1] if paths else None)
 
 
-def _named_nodes(text: str, program) -> list[tuple[str, str]]:
-    """(operator, module) of the graph's call nodes whose operator or node name the text cites."""
-    found: dict[str, str] = {}
+def _named_nodes(text: str, program) -> list[tuple[str, Any]]:
+    """(operator, first node) of the graph's call nodes whose operator or node name the text cites."""
+    found: dict[str, Any] = {}
     for node in program.graph.nodes:
         if node.op != "call_function" or not hasattr(node.target, "name"):
             continue
         op = node.target.name()  # "namespace::name"
         cited = (op in text or op.replace("::", ".") in text or f"%{node.name} " in text)
         if cited and op not in found:
-            found[op] = _module_of(node)
+            found[op] = node
     return list(found.items())
 
 

@@ -13,12 +13,12 @@ import json
 import operator
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from pipelines.errors import first_line
+from pipelines.errors import PipelineError, first_line
 
 from ..formats.fx_graph import Replay, module_paths
 from .model_builder import example_inputs
@@ -44,12 +44,22 @@ print("not reproduced: this version lowers the module")
 '''
 
 
+def failure_repro(folder: Path, program: torch.export.ExportedProgram, specs: list[Mapping[str, Any]],
+                  failure: PipelineError, step: str, packages: tuple[str, ...], call: str) -> str:
+    """The repro of a lowering failure in folder/<its module>, said in a few words for a warning
+    ("repro/blocks.0 (blocks.0.act, 3 operators)")."""
+    target = folder / (failure.module or "part")
+    written = lowering_repro(target, program, specs, failure.module, failure.message.split(": ", 1)[-1],
+                             step, packages, call)
+    return f"repro/{target.name} ({written['module'] or 'the whole part'}, {written['nodes']} operators)"
+
+
 def lowering_repro(directory: Path, program: torch.export.ExportedProgram, specs: list[Mapping[str, Any]],
-                   module: str | None, error: str, step: str, packages: tuple[str, ...], call: str,
-                   lower: Callable[[torch.export.ExportedProgram], Any]) -> dict[str, Any]:
+                   module: str | None, error: str, step: str, packages: tuple[str, ...], call: str
+                   ) -> dict[str, Any]:
     """Write the repro of `error` (raised by `step` on `program`) into `directory`; `call` is the
-    script's library call on `program`, `lower` the same call made here to check a cut still
-    fails, `packages` the libraries it needs. Returns what was written, for the stage's result."""
+    script's library call on `program` (and `inputs`), run here too to check that a cut still
+    fails alike; `packages` the libraries it needs. Returns what was written."""
     from pipelines.versions import host_cpu, library_versions
 
     graph_module = program.module()
@@ -57,7 +67,7 @@ def lowering_repro(directory: Path, program: torch.export.ExportedProgram, specs
     chosen, cut, inputs = None, program, example_inputs(specs)
     for candidate in _enclosing(module):
         sub, sub_inputs = _cut(graph_module, candidate, values)
-        if sub is not None and _fails_alike(lower, sub, error):
+        if sub is not None and _fails_alike(call, sub, sub_inputs, error):
             chosen, cut, inputs = candidate, sub, sub_inputs
             break
     directory.mkdir(parents=True, exist_ok=True)
@@ -67,7 +77,7 @@ def lowering_repro(directory: Path, program: torch.export.ExportedProgram, specs
     title = f"{step} fails on {what}: {error}"
     (directory / "repro.py").write_text(SCRIPT.format(title=title, call=textwrap.indent(call, "    ")))
     versions = {k: v for k, v in library_versions().items() if k in packages}
-    (directory / "README.md").write_text(_readme(title, what, cut, inputs, versions, host_cpu()))
+    (directory / "README.md").write_text(_readme(title, what, cut, inputs, versions, host_cpu(), _custom_ops(cut)))
     (directory / "versions.json").write_text(json.dumps({"versions": versions, "cpu": host_cpu()}, indent=1))
     return {"module": chosen, "nodes": _count(cut), "folder": directory.name}
 
@@ -134,12 +144,14 @@ def _cut(graph_module: GraphModule, module: str, values: dict[Node, Any]
     return program, tuple(feeds)
 
 
-def _fails_alike(lower: Callable, program: torch.export.ExportedProgram, error: str) -> bool:
+def _fails_alike(call: str, program: torch.export.ExportedProgram, inputs: tuple, error: str) -> bool:
+    """Whether the call fails on the cut with the error it raised on the whole (its first words)."""
     try:
-        lower(program)
+        exec(call, {"program": program, "inputs": inputs, "torch": torch})
     except Exception as exc:
-        cause = exc.__cause__ or exc
-        return first_line(cause) in error or first_line(exc) in error
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        return first_line(exc)[:80] in error
     return False
 
 
@@ -147,12 +159,23 @@ def _count(program: torch.export.ExportedProgram) -> int:
     return sum(n.op == "call_function" and n.target is not operator.getitem for n in program.graph.nodes)
 
 
-def _readme(title: str, what: str, program, inputs, versions: dict, cpu: dict) -> str:
+LIBRARY_OPS = {"aten", "prims", "quantized_decomposed", "torchao", "higher_order"}
+
+
+def _custom_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """Operators of the model's own libraries (torch.library): the script needs them registered."""
+    return sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
+                   and hasattr(n.target, "namespace") and n.target.namespace not in LIBRARY_OPS})
+
+
+def _readme(title: str, what: str, program, inputs, versions: dict, cpu: dict, custom: list[str]) -> str:
     shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
     pins = "\n".join(f"    {name}=={version}" for name, version in sorted(versions.items()))
+    needs = (f"It calls the model's own operators {', '.join(custom)}: import the module that defines them "
+             "(torch.library) at the top of repro.py.\n\n") if custom else ""
     return (f"# {title}\n\n"
             f"The smallest part of the model that still fails: {what}, {_count(program)} operators, "
-            f"exported alone (module.pt2) with the inputs it received (inputs.pt: {shapes}).\n\n"
+            f"exported alone (module.pt2) with the inputs it received (inputs.pt: {shapes}).\n\n{needs}"
             f"Reproduce with the libraries alone:\n\n    pip install {' '.join(f'{n}=={v}' for n, v in sorted(versions.items()))}\n"
             f"    python repro.py\n\nVersions:\n\n{pins}\n\nHost CPU: {cpu['model']} ({cpu['machine']}; "
             f"{', '.join(k for k, v in cpu.items() if v is True) or 'no listed features'})\n")
