@@ -673,7 +673,7 @@ def test_a_module_the_delegate_fails_on_is_left_out_and_leaves_a_repro(tmp_path,
     assert stats["left_out_of_delegate"][0]["repro"] == "repro/prelu2 (prelu2, 1 operators)"
     folder = path.parent / "repro" / "prelu2"
     assert "ChannelsLastTaggedReshapePass" in (folder / "README.md").read_text()
-    assert [tuple(t.shape) for t in torch.load(folder / "inputs.pt")] == [(1, 16)]
+    assert [tuple(t.shape) for t in torch.load(folder / "inputs.pt")] == [(2, 16)]  # the traced example
     done = subprocess.run([sys.executable, "repro.py"], cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "reproduced: AssertionError: Attempting to convert non-NHWC compatible node to NHWC" in done.stderr
