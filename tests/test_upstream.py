@@ -421,15 +421,16 @@ def test_a_gru_program_keeps_its_dynamic_batch(tmp_path):
 
 # 9. onnxruntime: an optimized graph written with external initializers loses node metadata ----
 
-def _scoped_onnx(tmp: Path) -> Path:
-    """A two-layer MLP exported by torch.onnx, its nodes carrying their module paths."""
+def _scoped_onnx(tmp: Path, activation: type[nn.Module] = nn.ReLU) -> Path:
+    """A two-layer MLP exported by torch.onnx, its nodes carrying their module paths (a HardSwish
+    is an ONNX function, which the optimizer inlines into unnamed nodes)."""
     class MLP(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.fc, self.act, self.head = nn.Linear(8, 8), activation(), nn.Linear(8, 4)
 
         def forward(self, x):
-            return self.head(torch.relu(self.fc(x)))
+            return self.head(self.act(self.fc(x)))
 
     from stages.support.model_builder import PartModule
 
@@ -468,8 +469,10 @@ def test_graphs_prepared_for_quantization_keep_their_module_paths(tmp_path):
     from stages.formats.onnx import _pre_processed
     from stages.formats.onnx_graph import module_outputs
 
-    prepared = _pre_processed(_scoped_onnx(tmp_path), tmp_path)
-    assert list(module_outputs(onnx.load(str(prepared), load_external_data=False))) == ["fc", "head"]
+    prepared = _pre_processed(_scoped_onnx(tmp_path, nn.Hardswish), tmp_path)
+    graph = onnx.load(str(prepared), load_external_data=False)
+    assert {node.op_type for node in graph.graph.node} >= {"HardSigmoid", "Mul"}  # HardSwish, inlined
+    assert list(module_outputs(graph)) == ["fc", "act", "head"]
 
 
 # 10. onnx: its loader refuses an external data file with more than one hard link --------------

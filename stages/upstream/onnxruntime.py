@@ -61,19 +61,33 @@ def unquantizable_average_pools(model) -> list[str]:
 
 
 def restore_node_metadata(source, optimized) -> int:
-    """Copy each node's metadata_props from the graph a session optimized to the graph it wrote,
-    by node name; returns how many nodes got theirs back.
+    """Copy each node's metadata_props from the graph a session optimized to the graph it wrote;
+    returns how many nodes got theirs back.
 
     onnxruntime 1.31.1 writes an optimized graph whose initializers go to an external file
     (`session.optimized_model_external_initializers_file_name`) through
     Graph::ToGraphProtoWithExternalInitializers, which drops every node's metadata_props; the
     in-memory path keeps them. The exporter's module paths live there, and quantize.keep_float
-    and the diagnosis need them on big graphs as on small ones."""
+    and the diagnosis need them on big graphs as on small ones. Matched by node name; the nodes
+    it makes of an ONNX function (HardSwish inlined into HardSigmoid and Mul, named "" both ways)
+    by the value they compute, or else by the nodes that read theirs."""
     kept = {node.name: node.metadata_props for node in source.graph.node if node.name and node.metadata_props}
+    by_output = {out: node.metadata_props for node in source.graph.node if node.metadata_props for out in node.output}
     restored = 0
     for node in optimized.graph.node:
-        if not node.metadata_props and node.name in kept:
-            node.metadata_props.extend(kept[node.name])
+        found = kept.get(node.name) or next((by_output[out] for out in node.output if out in by_output), None)
+        if not node.metadata_props and found:
+            node.metadata_props.extend(found)
+            restored += 1
+    readers: dict[str, list] = {}
+    for node in optimized.graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    for node in reversed(optimized.graph.node):  # consumers first: a chain inherits back to front
+        users = [user for out in node.output for user in readers.get(out, [])]
+        props = {tuple((p.key, p.value) for p in user.metadata_props) for user in users}
+        if not node.metadata_props and len(props) == 1 and users[0].metadata_props:
+            node.metadata_props.extend(users[0].metadata_props)
             restored += 1
     return restored
 
