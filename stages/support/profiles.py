@@ -22,13 +22,13 @@ def summarize(events: list[dict[str, Any]], calls: int) -> dict[str, Any]:
         runs[event["op"], event["where"]] += 1
     whole = sum(total_us.values()) or 1.0
     ranked = sorted(total_us, key=total_us.get, reverse=True)
-    ops = [{"op": op, "where": where, "ms": round(total_us[op, where] / calls / 1000, 4),
+    ops = [{"op": op, "where": where, "ms": round(total_us[op, where] / calls / 1000, 6),
             "share": round(total_us[op, where] / whole, 4), "per_call": runs[op, where] // max(calls, 1)}
            for op, where in ranked]
     places: dict[str, float] = defaultdict(float)
     for (_, where), us in total_us.items():
         places[where] += us / whole
-    return {"calls": calls, "operators_ms": round(whole / calls / 1000, 4), "ops": ops[:SHOWN],
+    return {"calls": calls, "operators_ms": round(whole / calls / 1000, 6), "ops": ops[:SHOWN],
             "others": len(ops) - min(len(ops), SHOWN),
             "where": {place: round(share, 4) for place, share in sorted(places.items(), key=lambda p: -p[1])}}
 
