@@ -15,7 +15,7 @@ from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports 
 from pipelines.errors import PipelineError
 from pipelines.memory import release
 
-from ..support.export_errors import lowering_failure
+from ..support.export_errors import lowering_failure, traceback_frames
 from ..support.model_builder import as_step, used_tensors
 from ..support.state_io import state_nodes
 from ..support.streaming import carry
@@ -175,10 +175,11 @@ class _Processed(torch.nn.Module):
 def lower(job: Job) -> dict[str, Any]:
     from executorch.devtools.backend_debug import get_delegation_info
 
-    stats = _program_stats(torch.export.load(job.source / PROGRAM))
+    loaded = [torch.export.load(job.source / PROGRAM)]  # read once; a retry reads it again
+    stats = _program_stats(loaded[0])
     artifact = job.workdir / f"model{SUFFIX}"
-    edge, left_out = _lowered(lambda: torch.export.load(job.source / PROGRAM), job.fmt, artifact,
-                              repros=(job.workdir / "repro", job.io["inputs"]))
+    edge, left_out = _lowered(lambda: loaded.pop() if loaded else torch.export.load(job.source / PROGRAM),
+                              job.fmt, artifact, repros=(job.workdir / "repro", job.io["inputs"]))
     delegation = get_delegation_info(edge.exported_program().graph_module)
     delegated, other = delegation.num_delegated_nodes, delegation.num_non_delegated_nodes
     stats["delegated_nodes"], stats["non_delegated_nodes"] = delegated, other
@@ -228,16 +229,7 @@ def _lowered(load: Callable[[], torch.export.ExportedProgram], fmt, path: Path,
 def _in_delegate(exc: BaseException | None) -> bool:
     """Whether the failure came from inside the XNNPACK backend (its partitioner or passes): what
     leaving a module out of its delegate can avoid (a missing kernel, say, it cannot)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback = exc.__traceback__
-        while traceback is not None:
-            if "backends/xnnpack" in traceback.tb_frame.f_code.co_filename:
-                return True
-            traceback = traceback.tb_next
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any("backends/xnnpack" in frame.f_code.co_filename for frame in traceback_frames(exc))
 
 
 STOCK_LOWERING = """from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

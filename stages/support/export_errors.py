@@ -154,20 +154,28 @@ def _node_in_traceback(exc: BaseException) -> tuple[Any, str | None]:
 
     from ..formats import fx_graph, onnx_graph
 
-    found, seen = None, set()
-    while exc is not None and id(exc) not in seen:  # the innermost frame of the innermost exception
-        seen.add(id(exc))
-        traceback = exc.__traceback__
-        while traceback is not None:
-            candidate = traceback.tb_frame.f_locals.get("node")
-            if isinstance(candidate, torch.fx.Node) or hasattr(candidate, "op_type"):
-                found = candidate
-            traceback = traceback.tb_next
-        exc = exc.__cause__ or exc.__context__
+    found = None
+    for frame in traceback_frames(exc):  # the innermost frame of the innermost exception wins
+        candidate = frame.f_locals.get("node")
+        if isinstance(candidate, torch.fx.Node) or hasattr(candidate, "op_type"):
+            found = candidate
     if found is None:
         return None, None
     paths = fx_graph.module_paths(found) if isinstance(found, torch.fx.Node) else onnx_graph.module_paths(found)
     return found, (paths[-1] if paths else None)
+
+
+def traceback_frames(exc: BaseException | None):
+    """Every frame of an exception's traceback and of the exceptions it was raised from,
+    outermost exception first, each traceback from its outer frame in."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback = exc.__traceback__
+        while traceback is not None:
+            yield traceback.tb_frame
+            traceback = traceback.tb_next
+        exc = exc.__cause__ or exc.__context__
 
 
 def _named_nodes(text: str, program) -> list[tuple[str, Any]]:
