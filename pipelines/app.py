@@ -27,8 +27,11 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     try:
         ensure_checkpoint(root["model"], list(hydra.overrides.task), Path(root["cache"]["dir"]), log)
         import stages  # noqa: F401  registers the stages; light, no torch
+        from stages.formats.schemes import check
 
         from .runner import Runner
+
+        check(root)
 
         runs = Runner(cfg, run_dir, log).run()
     except PipelineError as exc:

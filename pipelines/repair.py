@@ -8,9 +8,11 @@ cell at fp32 with `quantize.fallback_tolerance`.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from .errors import PipelineError
+from .schema import StoredWeights
 
 RETRYABLE = ("quantize", "preprocess", "lower", "verify", "verify_target", "size_audit")  # rebuildable
 
@@ -32,7 +34,8 @@ def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> b
     log.info("  %s failed at %s (%s): falling back to fp32", failed, precision, exc.message)
     run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
     run.float_layers = []
-    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"]}
+    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"], "options": {},
+                         "weights": asdict(StoredWeights())}
     root["quantize"] = {**root["quantize"], "keep_float": []}
     return True
 

@@ -5,19 +5,13 @@ nodes (a model's `arch` with `_target_`, dataset callables) are plain dicts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    int8_dynamic = "int8_dynamic"
 
 
 class Format(str, Enum):
@@ -149,14 +143,11 @@ class ToleranceOverride:
     min_box_iou: Optional[float] = MISSING
 
 
-@dataclass
-class PartTolerance:
-    """A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`)."""
+PRECISIONS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" / "precision").glob("*.yaml"))
 
-    fp32: Optional[ToleranceOverride] = None
-    fp16: Optional[ToleranceOverride] = None
-    int8: Optional[ToleranceOverride] = None
-    int8_dynamic: Optional[ToleranceOverride] = None
+# A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`): one optional
+# field per precision conf/precision/ ships, so a misspelt one is refused at compose time
+PartTolerance = make_dataclass("PartTolerance", [(name, Optional[ToleranceOverride], None) for name in PRECISIONS])
 
 
 @dataclass
@@ -224,9 +215,24 @@ class Tolerance:
 
 
 @dataclass
+class StoredWeights:
+    """What the size audit holds an artifact of a precision to: proof the precision happened."""
+
+    dtypes: List[str] = field(default_factory=list)  # the weights must be mostly these; [] = no check
+    quantized: bool = False  # quantization ops in the graph (embedding tables left float exempt)
+    max_bytes_per_parameter: Optional[float] = None  # the shipped file's bound (fp32 is 4)
+    # over the bound: the audit fails (true), or warns (the compute is still the precision's)
+    oversize_fails: bool = True
+
+
+@dataclass
 class PrecisionConfig:
-    name: Precision = MISSING
+    # a precision each format registers a scheme for (stages/formats/<format>_precisions.py):
+    # a name no format builds is refused before any stage runs
+    name: str = MISSING
     tolerance: Tolerance = field(default_factory=Tolerance)
+    options: Dict[str, Any] = field(default_factory=dict)  # the scheme's own (int4: group_size)
+    weights: StoredWeights = field(default_factory=StoredWeights)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """quantize: apply the precision in the IR the target runtime quantizes in (convert's output).
 
-pte: PT2E with XNNPACKQuantizer (or half precision) on the ExportedProgram.
-onnx: ONNX Runtime's own tools (float16 conversion, static QDQ / dynamic int8) on the ONNX graph.
-At fp32 the program passes through unchanged.
+Each format registers a scheme per precision (stages/formats/schemes.py): PT2E with
+XNNPACKQuantizer or half precision on the ExportedProgram for .pte, ONNX Runtime's own tools on
+the graph for .onnx. At fp32 the program passes through unchanged.
 """
 from __future__ import annotations
 
@@ -11,25 +11,29 @@ import json
 from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend
+from .formats import Job
+from .formats.schemes import chosen, options
 
 
 def _needs(view) -> tuple[str, ...]:
-    """Calibration data only where it is used: int8 (dynamic int8 traces one batch of it)."""
-    return ("convert", "calibrate") if view["precision"]["name"].startswith("int8") else ("convert",)
+    """Calibration data only where the scheme reads it."""
+    calibrated = chosen(view["precision"]["name"], view["format"]["name"]).calibrated
+    return ("convert", "calibrate") if calibrated else ("convert",)
 
 
-@stage("quantize", needs=_needs, config=("precision.name", "format", "quantize", "target"),
+@stage("quantize", needs=_needs, config=("precision.name", "precision.options", "format", "quantize", "target"),
        code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
              "stages.support.streaming", "stages.support.export_errors", "stages.upstream"))
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())
     calibration = ctx.inputs.get("calibrate")
-    job = Job(converted, io, ctx.cfg.precision.name, ctx.cfg.format, ctx.cfg.quantize,
-              calibration.dir / "calibration.npz" if calibration else None, ctx.workdir, ctx.cfg.target)
+    precision, fmt = ctx.cfg.precision.name, ctx.cfg.format.name
+    job = Job(converted, io, precision, ctx.cfg.format, ctx.cfg.quantize,
+              calibration.dir / "calibration.npz" if calibration else None, ctx.workdir, ctx.cfg.target,
+              options(ctx.cfg.precision, fmt))
     try:
-        result = backend(ctx.cfg.format.name).quantize(job)
+        method = chosen(precision, fmt).apply(job)
     except PipelineError:
         raise
     except Exception as exc:  # the quantizer's own error: name the node and module it broke on
@@ -37,4 +41,8 @@ def run(ctx: StageContext) -> dict:
 
         raise quantizer_failure(exc) from exc
     (ctx.workdir / "io.json").write_text(json.dumps(io, indent=1))
-    return {**result, "summary": result["method"] if result["method"] != "none" else "fp32: unchanged"}
+    if method == "none":
+        return {"method": method, "summary": f"{precision}: unchanged"}
+    keep = list(ctx.cfg.quantize.keep_float)
+    method += f", kept float: {', '.join(keep)}" if keep else ""
+    return {"method": method, "summary": method}

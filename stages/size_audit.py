@@ -11,7 +11,7 @@ from .formats import backend
 
 
 @stage("size_audit", needs=("wrap", "lower"),
-       config=("precision.name", "format.name", "quantize.keep_float"),
+       config=("precision.name", "precision.weights", "format.name", "quantize.keep_float"),
        code=("stages.formats",), artifacts=("size_audit.json",))
 def run(ctx: StageContext) -> dict:
     lower = ctx.input("lower")
@@ -41,12 +41,12 @@ def run(ctx: StageContext) -> dict:
     processing = (io.get("processing") or {}).get("constant_bytes", 0)  # a log-mel's DFT kernels
     if processing:
         report["processing_constant_bytes"] = processing
-    report["passed"], report["reason"] = check_precision(ctx.cfg.precision.name, inspection,
+    report["passed"], report["reason"] = check_precision(ctx.cfg.precision, inspection,
                                                          kept * 4 + processing)
     report["warnings"] = []
     if report["passed"]:
         report["passed"], report["reason"], report["warnings"] = check_file(  # float on purpose aside
-            ctx.cfg.precision.name, file_bytes - kept * 4 - processing, parameters - kept)
+            ctx.cfg.precision, file_bytes - kept * 4 - processing, parameters - kept)
     (ctx.workdir / "size_audit.json").write_text(json.dumps(report, indent=1))
     report["summary"] = (f"{file_bytes / 1024:.1f} KiB ({compressed / 1024:.1f} KiB zlib), "
                          f"{report['ratio_to_fp32_parameters']:.2f}x fp32 weights"
@@ -65,46 +65,45 @@ def kept_parameters(modules_json, keep: list[str]) -> int:
     return sum(modules.get(path, {}).get("parameters", 0) for path in set(outer))
 
 
-def check_precision(precision: str, inspection: dict[str, Any], float_bytes: int = 0) -> tuple[bool, str]:
-    """An int8 artifact must hold int8 weights and quantization ops, an fp16 one fp16 weights, in
-    all but the bytes that are float on purpose: `float_bytes` (layers kept float, processing
-    steps' constants) and the embedding tables XNNPACK's quantizer leaves in float."""
+def check_precision(precision: dict[str, Any], inspection: dict[str, Any], float_bytes: int = 0) -> tuple[bool, str]:
+    """The artifact must hold its precision's weights (`precision.weights.dtypes`) and, where it
+    is quantized, quantization ops, in all but the bytes that are float on purpose: `float_bytes`
+    (layers kept float, processing steps' constants) and the embedding tables XNNPACK's
+    quantizer leaves in float."""
+    name, wanted = precision["name"], precision["weights"]
     share, weights = inspection["weight_share_by_dtype"], inspection["weight_bytes_by_dtype"]
-    exempt = float_bytes + (inspection.get("embedding_bytes", 0) if precision.startswith("int8") else 0)
+    exempt = float_bytes + (inspection.get("embedding_bytes", 0) if wanted["quantized"] else 0)
     judged = max(sum(weights.values()) - exempt, 1)
     besides = f" besides {exempt:,} bytes float on purpose" if exempt else ""
-    if precision in ("int8", "int8_dynamic"):
-        int8 = weights.get("int8", 0) + weights.get("uint8", 0)
-        if int8 < 0.5 * judged:
-            return False, f"precision {precision} but int8 holds only {int8 / judged:.0%} " \
-                          f"of the weight bytes{besides} ({share})"
-        if inspection["quantize_ops"] + inspection["dequantize_ops"] == 0 and \
-                not inspection.get("quantized_ops"):
-            return False, f"precision {precision} but the graph has no quantization ops"
-    if precision == "fp16" and weights.get("float16", 0) < 0.5 * judged:
-        return False, f"precision fp16 but float16 holds only {weights.get('float16', 0) / judged:.0%} " \
-                      f"of the weight bytes{besides}"
+    held = sum(weights.get(dtype, 0) for dtype in wanted["dtypes"])
+    if wanted["dtypes"] and held < 0.5 * judged:
+        return False, f"precision {name} but {'/'.join(wanted['dtypes'])} holds only {held / judged:.0%} " \
+                      f"of the weight bytes{besides} ({share})"
+    if wanted["quantized"] and inspection["quantize_ops"] + inspection["dequantize_ops"] == 0 and \
+            not inspection.get("quantized_ops"):
+        return False, f"precision {name} but the graph has no quantization ops"
     return True, ""
 
 
 WEIGHTS_DOMINATE = 64 * 1024  # fp32 parameter bytes above which the weights dominate the file
-MAX_BYTES_PER_PARAMETER = {"int8": 2.5, "int8_dynamic": 2.5, "fp16": 3.0}
 
 
-def check_file(precision: str, file_bytes: int, parameters: int) -> tuple[bool, str, list[str]]:
-    """The shipped file, not only the program, must be the size its precision promises.
+def check_file(precision: dict[str, Any], file_bytes: int, parameters: int) -> tuple[bool, str, list[str]]:
+    """The shipped file, not only the program, must be the size its precision promises
+    (`precision.weights.max_bytes_per_parameter`).
 
     A backend may serialize weights wider than it computes with (XNNPACK stores convolution
-    weights as fp32 in an fp16 .pte): the download then does not shrink. At int8 that fails the
-    audit; at fp16 the compute is still half precision, so it is a warning that names the cost.
+    weights as fp32 in an fp16 .pte): the download then does not shrink. Where the precision
+    says `oversize_fails: false` (fp16: the compute is still half precision) that is a warning
+    that names the cost, else the audit fails.
     """
-    limit = MAX_BYTES_PER_PARAMETER.get(precision)
+    name, limit = precision["name"], precision["weights"]["max_bytes_per_parameter"]
     per_parameter = file_bytes / max(parameters, 1)
     if limit is None or parameters * 4 < WEIGHTS_DOMINATE or per_parameter <= limit:
         return True, "", []
-    finding = (f"the {precision} file holds {per_parameter:.1f} bytes per parameter "
-               f"(fp32 is 4): its weights are not stored at {precision}")
-    if precision == "fp16":
-        return True, "", [finding + "; the runtime computes in fp16 but the download is not smaller"]
+    finding = (f"the {name} file holds {per_parameter:.1f} bytes per parameter "
+               f"(fp32 is 4): its weights are not stored at {name}")
+    if not precision["weights"]["oversize_fails"]:
+        return True, "", [finding + f"; the runtime computes in {name} but the download is not smaller"]
     return False, finding, []
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from stages.size_audit import check_precision
+from tests.test_schemes import precision
 from tests.conftest import ROOT, TEST_CONF, NATIVE_ONLY
 from tests.test_end_to_end import eager_logits, run_artifact
 
@@ -138,7 +139,7 @@ def test_an_int8_artifact_with_float_weights_fails_its_audit(run_tiny):
 
     fp32 = run_tiny()
     inspection = onnx_backend.inspect(fp32.outputs["lower"].dir / "model.onnx")
-    passed, reason = check_precision("int8", inspection)
+    passed, reason = check_precision(precision("int8"), inspection)
     assert not passed and "int8 holds only 0%" in reason
     int8 = run_tiny("precision=int8")
     assert int8.status == "pass", int8.error
@@ -148,7 +149,7 @@ def test_an_int8_artifact_with_float_weights_fails_its_audit(run_tiny):
 
 def test_pte_audit_counts_quantized_weights_and_ops(run_tiny):
     fp32, int8 = run_tiny("format=pte"), run_tiny("format=pte", "precision=int8")
-    assert not check_precision("int8", fp32.result("size_audit"))[0]
+    assert not check_precision(precision("int8"), fp32.result("size_audit"))[0]
     audit = int8.result("size_audit")
     assert audit["passed"] and audit["dequantize_ops"] > 0 and 0 < audit["delegated_share"] <= 1
 

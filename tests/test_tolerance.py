@@ -36,14 +36,7 @@ def test_an_unknown_precision_or_field_fails_at_compose_time():
 
 
 def test_verify_judges_with_the_parts_tolerance(run_tiny):
-    run = run_tiny("model.parts.0.tolerance={fp32: {max_abs: 1e-12}}")
-    assert run.status == "fail" and "[verify] output 'logits' max abs error" in run.error
-    assert "> 1e-12" in run.error
-
-
-def test_every_precision_can_be_overridden():
-    from dataclasses import fields
-
-    from pipelines.schema import PartTolerance, Precision
-
-    assert [f.name for f in fields(PartTolerance)] == [p.value for p in Precision]
+    """A bound no artifact meets on any CPU (fp32 ORT can equal eager bit for bit on one)."""
+    run = run_tiny("model.parts.0.tolerance={fp32: {min_cosine: 1.5}}")
+    assert run.status == "fail" and "[verify] output 'logits' cosine" in run.error
+    assert "< 1.5" in run.error

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from stages.formats import Job
+from stages.formats.schemes import chosen
 from tests.devices import run_on
 
 DYNAMIC_BATCH = {"0": "batch"}
@@ -54,7 +55,7 @@ def lowered(module: nn.Module, specs: list[dict], precision: str, tmp: Path, cal
     from stages.formats import pte
 
     io = export(module, specs, tmp / "wrap")
-    pte.quantize(job(tmp / "wrap", io, precision, tmp / "quantize", calibration=calibration))
+    chosen(precision, "pte").apply(job(tmp / "wrap", io, precision, tmp / "quantize", calibration=calibration))
     pte.lower(job(tmp / "quantize", io, precision, tmp / "lower"))
     return tmp / "lower" / "model.pte"
 
@@ -116,12 +117,10 @@ def test_ort_static_quantizer_still_crashes_on_a_two_dim_layer_norm(tmp_path):
 def test_a_two_dim_layer_norm_is_left_float_and_the_rest_quantized(tmp_path):
     import onnxruntime as ort
 
-    from stages.formats import onnx as onnx_backend
-
     convert, io, data = _norm_onnx(tmp_path)
     calibration = calibration_file(tmp_path, x=data)
-    result = onnx_backend.quantize(job(convert, io, "int8", tmp_path / "q", calibration=calibration))
-    assert "static QDQ" in result["method"]
+    method = chosen("int8", "onnx").apply(job(convert, io, "int8", tmp_path / "q", calibration=calibration))
+    assert "static QDQ" in method
     session = ort.InferenceSession(str(tmp_path / "q" / "graph.onnx"), providers=["CPUExecutionProvider"])
     ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / "q" / "graph.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "LayerNormalization" in ops
@@ -144,7 +143,7 @@ def _int8_mlp(tmp: Path, isa) -> tuple[Path, np.ndarray]:
     io = export(TinyNet(), specs, tmp / "wrap")
     onnx_backend.convert(job(tmp / "wrap", io, "fp32", tmp / "convert"))
     cal = calibration_file(tmp, x=calibration()["x"])
-    onnx_backend.quantize(job(tmp / "convert", io, "int8", tmp / "q", isa=isa, calibration=cal))
+    chosen("int8", "onnx").apply(job(tmp / "convert", io, "int8", tmp / "q", isa=isa, calibration=cal))
     return tmp / "q" / "graph.onnx", calibration()["x"][:, 0]
 
 
@@ -352,7 +351,8 @@ def _pool_onnx(tmp: Path, precision: str) -> tuple[Path, np.ndarray, np.ndarray]
     io = export(module, [spec("x", [1, 3, 2, 2], dynamic=DYNAMIC_BATCH)], tmp / "wrap")
     onnx_backend.convert(job(tmp / "wrap", io, "fp32", tmp / "convert"))
     data = np.random.default_rng(0).uniform(0, 1, (16, 1, 3, 2, 2)).astype(np.float32)
-    onnx_backend.quantize(job(tmp / "convert", io, precision, tmp / "q", calibration=calibration_file(tmp, x=data)))
+    chosen(precision, "onnx").apply(job(tmp / "convert", io, precision, tmp / "q",
+                                        calibration=calibration_file(tmp, x=data)))
     return tmp / "q" / "graph.onnx", data[:, 0], module(torch.from_numpy(data[:, 0])).detach().numpy()
 
 
@@ -560,7 +560,7 @@ def test_float16_graphs_stream_their_weights_and_match_the_converter(tmp_path, m
     onnx_backend.convert(job(tmp_path / "wrap", io, "fp32", tmp_path / "convert"))
     source = tmp_path / "convert" / "graph.onnx"
     assert onnx_backend._streamed(source)
-    onnx_backend.quantize(job(tmp_path / "convert", io, "fp16", tmp_path / "quantize"))
+    chosen("fp16", "onnx").apply(job(tmp_path / "convert", io, "fp16", tmp_path / "quantize"))
     streamed = tmp_path / "quantize" / "graph.onnx"
     assert onnx.load(str(streamed), load_external_data=False).graph.initializer[0].external_data
 

@@ -6,7 +6,6 @@ Each backend module defines:
                                              calls (else a part's state must be inputs/outputs)
     convert(job) -> dict                     the wrapped program in the IR this runtime quantizes
                                              in, at fp32 (done once per format for a sweep)
-    quantize(job) -> dict                    precision applied to convert's output
     lower(job) -> dict                       the deployable file (+ program stats) in job.workdir
     runtime(as_written) -> str               the runtime load() uses, with its version
     load(artifact, io, threads, as_written)  runs the artifact in its real runtime:
@@ -21,7 +20,8 @@ Each backend module defines:
     prefix_artifact(job, module) -> Path     the program up to a module's output, built as the
                                              artifact is, a file in job.workdir for load()
 
-Adding a format is one new module here and one file in conf/format/.
+Each precision it builds is a scheme in <format>_precisions.py (schemes.py: the registry).
+Adding a format is one new module here, its precisions module, and one file in conf/format/.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Job:
     calibration: Path | None  # calibration.npz (quantize at int8 only)
     workdir: Path
     target: Any = None  # the target config node (where the artifact runs), for quantize
+    options: Any = None  # the precision scheme's own options (stages/formats/schemes.py), for quantize
 
 
 def backend(name: str) -> ModuleType:

@@ -1,5 +1,5 @@
-"""ONNX (.onnx): the dynamo exporter, precision applied on the ONNX graph with ONNX Runtime's
-own tools (float16 conversion, static QDQ / dynamic quantization), run in onnxruntime."""
+"""ONNX (.onnx): the dynamo exporter, then the graph run in onnxruntime (the precisions, applied
+on the graph with ONNX Runtime's own tools, are in onnx_precisions.py)."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,9 @@ import numpy as np
 from pipelines.errors import PipelineError, first_line
 from pipelines.memory import release
 
-from ..upstream.onnx import all_tensors, external_bytes, external_tensors, load_graph
-from ..upstream.onnxruntime import (float16_without_weights, int8_weight_bits, restore_node_metadata,
-                                   unquantizable_average_pools, unquantizable_layer_norms, unsafe_optimizers)
-from . import Job, calibration_batches, link_or_copy, weight_summary
+from ..upstream.onnx import load_graph
+from ..upstream.onnxruntime import unsafe_optimizers
+from . import Job, link_or_copy, weight_summary
 from .onnx_session import session
 
 SUFFIX = ".onnx"
@@ -31,22 +30,6 @@ def convert(job: Job) -> dict[str, Any]:
     """The wrapped program as an FP32 ONNX graph: the one every precision starts from."""
     _export(job, job.workdir / GRAPH)
     return {"method": f"torch.onnx dynamo export, opset {job.fmt.opset}"}
-
-
-def quantize(job: Job) -> dict[str, Any]:
-    """The precision applied to convert's FP32 graph with ONNX Runtime's own tools."""
-    source, target = job.source / GRAPH, job.workdir / GRAPH
-    if job.precision == "fp32":
-        for path in job.source.glob(GRAPH + "*"):  # the graph, and its external data if any
-            link_or_copy(path, job.workdir / path.name)
-        return {"method": "none"}
-    if job.precision == "fp16":
-        method = _to_float16(source, target, job)
-    elif job.precision == "int8":
-        method = _quantize_static(source, target, job)
-    else:
-        method = _quantize_dynamic(source, target, job)
-    return {"method": method}
 
 
 def _export(job: Job, path: Path) -> None:
@@ -78,6 +61,16 @@ def _export(job: Job, path: Path) -> None:
     onnx_program.save(str(path), external_data=weight_bytes > STREAMED)  # streamed, never serialized whole
 
 
+STREAMED = 64 * 2**20  # graphs above this keep their weights in an external file between stages
+FOLDED = "folded.json"  # activations the quantizer folded into QuantizeLinear (for diagnosis)
+
+
+def _streamed(model_path: Path) -> bool:
+    """Whether a graph's weights are big enough to write to an external data file (so they are
+    streamed to disk, never serialized through memory a second time)."""
+    return _data_bytes(model_path) > STREAMED
+
+
 STOCK_EXPORT = "torch.onnx.export(program, tuple(inputs), dynamo=True, opset_version={opset})\n"
 
 
@@ -100,200 +93,12 @@ def _name_dims(model, specs: list[dict[str, Any]]) -> None:
                                     for d in value.shape])
 
 
-def _to_float16(source: Path, target: Path, job: Job) -> str:
-    """ORT's converter on the graph without its external weights (it only retypes them; they
-    never pass through memory), then those weights streamed to the new graph's data file."""
-    import onnx
-
-    model = onnx.load(str(source), load_external_data=False)
-    weights = {}  # name -> the tensor's reference into source's data file
-    for tensor in external_tensors(model):
-        weights[tensor.name] = onnx.TensorProto()
-        weights[tensor.name].CopyFrom(tensor)
-        tensor.data_location = onnx.TensorProto.DEFAULT  # weightless: shape inference skips it
-        del tensor.external_data[:]
-    model = float16_without_weights(model, keep_io_types=True,
-                                    node_block_list=_float_nodes(source, job, int8=False) or None)
-    if weights:
-        _stream_weights(model, source, target, weights)
-        onnx.save_model(model, str(target))
-    else:
-        _save(model, target)
-    return "float16 graph, float32 I/O (onnxruntime.transformers.float16)" + _kept(job)
-
-
-def _stream_weights(model, source: Path, target: Path, weights: dict[str, Any]) -> None:
-    """The weights `model` was converted without, written one at a time to <target>.data, in
-    float16 where the converter retyped a float32 one (as it would have: convert_np_to_float16
-    clips into float16's range)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
-    data = target.with_name(target.name + ".data")
-    with open(data, "wb") as out:
-        for tensor in all_tensors(model):
-            if tensor.name not in weights:
-                continue
-            original = weights[tensor.name]
-            raw = external_bytes(source, original)
-            if original.data_type == onnx.TensorProto.FLOAT and tensor.data_type == onnx.TensorProto.FLOAT16:
-                raw = convert_np_to_float16(np.frombuffer(raw, np.float32)).tobytes()
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", out.tell()), ("length", len(raw))):
-                tensor.external_data.add(key=key, value=str(value))
-            out.write(raw)
-
-
-def _quantize_static(source: Path, target: Path, job: Job) -> str:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-
-    from .onnx_ranges import save_minmax_ranges
-
-    feeds = calibration_batches(job, size=1)  # the same ranges, a batch's worth of memory less
-    if any(s["input"] not in feeds[0] for s in job.io["state"]):  # a lifted state: each feed
-        # holds the state the fp32 graph returned for the one before, as an app carries it
-        from ..support.streaming import carry
-
-        feeds = [feed for feed, _ in carry(load(source, job.io), job.io, feeds)]
-    prepared = _pre_processed(source, target.parent)
-    method = job.quantize.calibrate_method
-    if method == "MinMax":  # ORT's ranges without ORT's calibrator's memory (onnx_ranges.py)
-        ranges, reader = target.parent / RANGES, None
-        save_minmax_ranges(prepared, feeds, ranges)
-        release()
-    else:  # histograms: ORT's calibrator, which holds the model and every output (README: Memory)
-        class Reader(CalibrationDataReader):
-            def __init__(self, batches):
-                self.batches = iter(batches)
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        ranges, reader = None, Reader(feeds)
-    bits = int8_weight_bits(job.target.isa)
-    quantize_static(str(prepared), str(target), reader, calibration_cache_path=ranges,
-                    nodes_to_exclude=_float_nodes(prepared, job),
-                    quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method), **bits,
-                    use_external_data_format=_streamed(prepared),
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    _float_inputs_for_kept_layers(target, prepared, job)
-    _record_folded_activations(target, prepared)
-    _remove(prepared)
-    return (f"ORT static QDQ int8, {method} calibration"
-            + (", per-channel weights" if job.quantize.per_channel else "")
-            + (", 7-bit weights (x86 without VNNI)" if bits["reduce_range"] else "") + _kept(job))
-
-
-RANGES = "calibration_ranges.json"  # the activation ranges the quantizer used (ORT's cache format)
-
-
-STREAMED = 64 * 2**20  # graphs above this keep their weights in an external file between stages
-
-
-def _streamed(model_path: Path) -> bool:
-    """Whether a graph's weights are big enough to write to an external data file (so they are
-    streamed to disk, never serialized through memory a second time)."""
-    return _data_bytes(model_path) > STREAMED
-
-
-def _remove(model_path: Path) -> None:
-    """A scratch graph and its external data files."""
-    for path in model_path.parent.glob(model_path.name + "*"):
-        path.unlink()
-    for path in model_path.parent.glob("optimized.onnx*"):
-        path.unlink()
-
-
-def _float_nodes(model_path: Path, job: Job, int8: bool = True) -> list[str]:
-    """The nodes left in float: those of the modules quantize.keep_float names and, at int8,
-    those that read a state input or write a state output (the state an app carries is never
-    quantized), and the LayerNorms and AveragePools onnxruntime's quantizer or its fused kernels
-    get wrong (stages/upstream/onnxruntime.py)."""
-    import onnx
-
-    from .onnx_graph import in_modules
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    ends = {s["input"] for s in job.io["state"]} | {s["output"] for s in job.io["state"]} if int8 else set()
-    keep = set(job.quantize.keep_float)
-    nodes = [node.name for node in model.graph.node
-             if ends & {*node.input, *node.output} or in_modules(node, keep)]
-    if int8 and job.quantize.per_channel:
-        nodes += unquantizable_layer_norms(model)
-    return nodes + (unquantizable_average_pools(model) if int8 else [])
-
-
-def _float_inputs_for_kept_layers(model_path: Path, original: Path, job: Job) -> None:
-    """The layers quantize.keep_float names read float inputs, not their producers' int8."""
-    import onnx
-
-    from .onnx_graph import in_modules, unquantized_inputs
-
-    keep = set(job.quantize.keep_float)
-    if keep:
-        model = load_graph(model_path)
-        unquantized_inputs(model, {n.name for n in model.graph.node if in_modules(n, keep)},
-                           onnx.load(str(original), load_external_data=False))
-        _save(model, model_path)
-
-
-FOLDED = "folded.json"  # activations the quantizer folded into QuantizeLinear (for diagnosis)
-
-
-def _record_folded_activations(model_path: Path, original: Path) -> None:
-    import onnx
-
-    from .onnx_graph import folded_activations
-
-    folded = folded_activations(onnx.load(str(model_path), load_external_data=False),
-                                onnx.load(str(original), load_external_data=False))
-    (model_path.parent / FOLDED).write_text(json.dumps(folded))
-
-
-def _kept(job: Job) -> str:
-    return f", kept float: {', '.join(job.quantize.keep_float)}" if job.quantize.keep_float else ""
-
-
-def _quantize_dynamic(source: Path, target: Path, job: Job) -> str:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    prepared = _pre_processed(source, target.parent)
-    quantize_dynamic(str(prepared), str(target), per_channel=job.quantize.per_channel,
-                     nodes_to_exclude=_float_nodes(prepared, job), weight_type=QuantType.QInt8,
-                     use_external_data_format=_streamed(prepared), **int8_weight_bits(job.target.isa))
-    _remove(prepared)
-    return "ORT dynamic int8 weights" + _kept(job)
-
-
-def _pre_processed(source: Path, workdir: Path) -> Path:
-    """What onnxruntime's quant_pre_process does (graph clean-up at ORT_ENABLE_BASIC, then ONNX
-    shape inference), file to file: its weights stream to an external data file and are never
-    held twice (quant_pre_process loads the whole model first and keeps it: 4x the weights)."""
-    import onnx
-
-    optimized, prepared = workdir / "optimized.onnx", workdir / "prepared.onnx"  # never beside
-    session(source, level="ORT_ENABLE_BASIC", optimized=optimized, external=True)  # convert's entry
-    model = onnx.load(str(optimized), load_external_data=False)
-    del model.graph.value_info[:]  # stale shapes left by the exporter trip ORT's re-inference
-    restore_node_metadata(onnx.load(str(source), load_external_data=False), model)
-    onnx.save_model(model, str(optimized))
-    onnx.shape_inference.infer_shapes_path(str(optimized), str(prepared))
-    optimized.unlink()
-    release()  # the optimizing session's memory, before the quantizer loads the model again
-    return prepared
-
-
 APP_STEPS = "app_steps.onnx"  # the processing steps that stay in the app, as their own graph
 
 
 def attach(job: Job, raw: list[dict[str, Any]], app: list, pre: list, post: list) -> dict[str, Any]:
     """convert/quantize's graph with the processing steps inside (stages/processing/): it takes
     the raw inputs, or what the app's own steps (app_steps.onnx, beside it) make of them."""
-    import onnx
-
     from ..processing import app_model, onnx_model, spec
 
     inputs = raw
@@ -440,8 +245,6 @@ def reference(job: Job) -> tuple[Callable, dict[str, str]]:
     """The quantized graph as written, every node on its own (no graph optimisation, no fused
     int8 kernels), returning its outputs, every module's output, and every module's output as
     the next layer reads it (re-quantized); and module types."""
-    import onnx
-
     from . import onnx_graph
 
     model = load_graph(job.source / GRAPH)
