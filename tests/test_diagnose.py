@@ -60,9 +60,9 @@ def test_the_diagnosis_finds_where_a_runtime_kernel_leaves_the_program(run_tiny,
                                                                          in_process):
     """With the fp16 LayerNorm workaround off, ExecuTorch's kernel breaks the .pte (the program
     itself is right): bisecting prefixes of the program names the LayerNorm."""
-    import stages.formats.pte as pte
+    import stages.upstream.executorch as workarounds
 
-    monkeypatch.setattr(pte, "FP16_UNSAFE_OPS", ())
+    monkeypatch.setattr(workarounds, "FP16_UNSAFE_OPS", ())  # read by the pte fp16 scheme when it runs
     checkpoint = write_norm_checkpoint(tmp_path / "norm.pt")
     run = run_tiny("format=pte", "precision=fp16", SYNTHETIC, model="tiny_norm", checkpoint=checkpoint)
     assert run.status == "fail"

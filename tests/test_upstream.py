@@ -466,7 +466,7 @@ def test_ort_still_drops_node_metadata_when_writing_external_initializers(tmp_pa
 def test_graphs_prepared_for_quantization_keep_their_module_paths(tmp_path):
     import onnx
 
-    from stages.formats.onnx import _pre_processed
+    from stages.formats.onnx_precisions import _pre_processed
     from stages.formats.onnx_graph import module_outputs
 
     prepared = _pre_processed(_scoped_onnx(tmp_path, nn.Hardswish), tmp_path)

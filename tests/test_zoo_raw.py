@@ -112,7 +112,7 @@ def test_log_mel_is_the_torch_stft_formulation() -> None:
     # float32's rounding next to a loud tone in the same frame is a large part of the band's energy
     single = _torch_log_mel(waveforms, torch.float32)
     error = np.abs(single - ours)
-    assert error[ours > -8].max() < 1e-4 and error.max() < 2e-3
+    assert error[ours > -8].max() < 2e-4 and error.max() < 2e-3  # AVX-512's float32 stft: 1.03e-4
     noise = np.random.default_rng(0).normal(0, 0.1, (4, 16000)).astype(np.float32)
     np.testing.assert_allclose(log_mel(noise), _torch_log_mel(noise, torch.float32), rtol=0, atol=1e-4)
 
