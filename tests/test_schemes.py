@@ -45,6 +45,24 @@ def test_an_option_the_scheme_does_not_read_is_refused_naming_the_ones_it_does()
         check(root("int8", "onnx", group_size=32))
 
 
+def test_a_schemes_own_options_are_typed_and_checked(monkeypatch):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Grouped:
+        group_size: int = 32
+
+    built = chosen("int8", "onnx")
+    monkeypatch.setitem(schemes("onnx"), "int8", type(built)(**{**built.__dict__, "options": Grouped}))
+    assert options(precision("int8"), "onnx") == Grouped(32)
+    assert options(precision("int8", group_size=64), "onnx") == Grouped(64)
+    with pytest.raises(PipelineError, match="group_sise") as raised:
+        options(precision("int8", group_sise=64), "onnx")
+    assert "onnx_precisions.py" in raised.value.fix
+    with pytest.raises(PipelineError, match="group_size"):
+        options(precision("int8", group_size="many"), "onnx")
+
+
 def test_calibration_is_read_only_by_the_schemes_that_declare_it():
     assert chosen("int8", "onnx").calibrated and chosen("int8", "pte").calibrated
     assert not chosen("int8_dynamic", "onnx").calibrated  # ORT computes activation ranges at run time

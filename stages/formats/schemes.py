@@ -13,7 +13,6 @@ functions: the check runs in the main process, which never imports torch.
 from __future__ import annotations
 
 import importlib
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,10 +33,14 @@ class Scheme:
 
     @property
     def where(self) -> str:
-        return f"stages/formats/{self.fmt}_precisions.py"
+        return _module(self.fmt)
 
 
 SCHEMES: dict[str, dict[str, Scheme]] = {}
+
+
+def _module(fmt: str) -> str:
+    return f"stages/formats/{fmt}_precisions.py"
 
 
 def scheme(fmt: str, precision: str, *, calibrated: bool = False, options: type | None = None):
@@ -66,13 +69,16 @@ def chosen(precision: str, fmt: str) -> Scheme:
             f"precision={precision} has no scheme for format={fmt} (it builds {built})"
             + (f"; format={elsewhere[0]} has one" if elsewhere else ""),
             fix=f"choose precision= one of {built}, or register a `{precision}` scheme in "
-                f"stages/formats/{fmt}_precisions.py", stage="config")
+                f"{_module(fmt)}", stage="config")
     return found
 
 
 def options(precision: dict[str, Any], fmt: str) -> Any:
-    """The scheme's options from `precision.options`, typed by its dataclass; a key it does not
-    read, or a value of the wrong type, is refused naming the keys it takes."""
+    """The scheme's options from `precision.options`, typed by its dataclass (OmegaConf checks
+    keys and types); a key it does not read, or a value of the wrong type, is refused."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     found = chosen(precision["name"], fmt)
     given = dict(precision.get("options") or {})
     if found.options is None:
@@ -80,20 +86,12 @@ def options(precision: dict[str, Any], fmt: str) -> Any:
             raise PipelineError(f"precision={found.precision} ({fmt}) takes no options, got "
                                 f"{', '.join(given)}", fix="remove precision.options", stage="config")
         return None
-    fields = typing.get_type_hints(found.options)
-    unknown = [key for key in given if key not in fields]
-    if unknown:
-        raise PipelineError(f"precision.options.{unknown[0]}: {found.precision} ({fmt}) does not read it",
-                            fix=f"use one of: {', '.join(fields)} (declared in {found.where})", stage="config")
-    typed = {}
-    for key, value in given.items():
-        kind = fields[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise PipelineError(f"precision.options.{key}={value!r}: {found.precision} ({fmt}) takes "
-                                f"{kind.__name__}", fix=f"give precision.options.{key} a {kind.__name__}",
-                                stage="config")
-        typed[key] = value
-    return found.options(**typed)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(found.options), given))
+    except OmegaConfBaseException as exc:
+        raise PipelineError(f"precision.options.{exc.full_key}: {str(exc).splitlines()[0]}",
+                            fix=f"use the options {found.precision} ({fmt}) declares in {found.where}",
+                            stage="config") from None
 
 
 def check(root: dict[str, Any]) -> None:
