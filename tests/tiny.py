@@ -146,3 +146,24 @@ class BlockNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stem(x).flatten(1))
+
+
+class WordNet(nn.Module):
+    """Token ids through an embedding table and two Linear layers: what int4 quantizes."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, hidden: int = 64, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.body = nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, classes)
+        with torch.no_grad():
+            self.head.weight *= 8  # logits apart enough that 4-bit rounding rarely flips the top class
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(ids)).mean(1))
+
+
+def write_word_checkpoint(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.save(WordNet().state_dict(), path)
+    return path

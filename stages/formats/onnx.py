@@ -22,8 +22,9 @@ SUFFIX = ".onnx"
 KEEPS_STATE = False  # an ONNX graph is a function: state must be inputs and outputs
 GRAPH = "graph.onnx"
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                 "ConvInteger", "QLinearConv", "QLinearMatMul")
+                 "ConvInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits", "GatherBlockQuantized")
 TWO_GB = 2 * 1024**3
+FOUR_BIT = (22, 21)  # onnx.TensorProto.INT4, UINT4: two values a byte
 
 
 def convert(job: Job) -> dict[str, Any]:
@@ -290,10 +291,15 @@ def inspect(artifact: Path) -> dict[str, Any]:
     by_dtype: Counter[str] = Counter()
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    packed = {n.input[1]: f"int{next((a.i for a in n.attribute if a.name == 'bits'), 4)}"  # in uint8 bytes
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
     for tensor in tensors:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        by_dtype[str(dtype)] += count * (dtype.itemsize if dtype.kind != "O" else 1)
+        if tensor.data_type in FOUR_BIT:  # GatherBlockQuantized's table
+            by_dtype["int4"] += (count + 1) // 2
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        by_dtype[packed.get(tensor.name, str(dtype))] += count * (dtype.itemsize if dtype.kind != "O" else 1)
     ops = Counter(n.op_type for n in model.graph.node)
     return {**weight_summary(dict(by_dtype), "the .onnx file's initializers and constants"),
             "graph_nodes": sum(ops.values()),

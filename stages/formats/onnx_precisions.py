@@ -3,6 +3,7 @@ float16 conversion, static QDQ and dynamic int8 (stages/formats/schemes.py: the 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from ..upstream.onnxruntime import (float16_without_weights, int8_weight_bits, r
                                    unquantizable_average_pools, unquantizable_layer_norms)
 from . import Job, calibration_batches, link_or_copy
 from .onnx import FOLDED, GRAPH, _save, _streamed, load
+from .int4 import Int4Options, nothing_quantized
 from .onnx_session import session
 from .schemes import scheme
 
@@ -182,6 +184,46 @@ def int8_dynamic(job: Job) -> str:
                      use_external_data_format=_streamed(prepared), **int8_weight_bits(job.target.isa))
     _remove(prepared)
     return "ORT dynamic int8 weights"
+
+
+@scheme("onnx", "int4", options=Int4Options)
+def int4(job: Job) -> str:
+    """onnxruntime's MatMulNBits (block-wise 4-bit weights, fp32 compute) for the MatMuls and
+    GatherBlockQuantized for the embedding tables; onnxruntime-web runs both."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from ..upstream.onnxruntime import gemms_as_matmuls
+    from .onnx_graph import module_paths
+
+    options: Int4Options = job.options
+    source, target = job.source / GRAPH, job.workdir / GRAPH
+    kept = set(_float_nodes(source, job, int8=False))
+    model = load_graph(source)
+    gemms_as_matmuls(model)
+    ops = ("MatMul", "Gather") if options.embeddings else ("MatMul",)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    narrow = [n for n in model.graph.node if n.op_type in ops and n.name not in kept
+              and _grouped_width(n, shapes) and not options.fits(_grouped_width(n, shapes))]
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.group_size, is_symmetric=True,
+                                     nodes_to_exclude=sorted(kept | {n.name for n in narrow}), op_types_to_quantize=ops,
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    narrow = [(module_paths(n) or [n.name])[-1] for n in narrow]  # as the user names the layer
+    done = Counter(n.op_type for n in quantizer.model.model.graph.node)
+    if not done["MatMulNBits"] + done["GatherBlockQuantized"]:
+        raise nothing_quantized(options, narrow)
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=_streamed(source))
+    return (f"ORT MatMulNBits 4-bit weights in groups of {options.group_size} ({done['MatMulNBits']} MatMul"
+            + (f", {done['GatherBlockQuantized']} embedding tables" if done["GatherBlockQuantized"] else "")
+            + ")" + (f", float where the width is not a multiple of {options.group_size}: {', '.join(narrow)}"
+                     if narrow else ""))
+
+
+def _grouped_width(node, shapes: dict[str, list[int]]) -> int:
+    """The width a node's constant weight is grouped along: a MatMul's B is (K, N), grouped along
+    K; an embedding table (rows, width), along each row. 0 where the weight is not a constant."""
+    dims = shapes.get(node.input[1] if node.op_type == "MatMul" else node.input[0], [])
+    return (dims[0] if node.op_type == "MatMul" else dims[1]) if len(dims) == 2 else 0
 
 
 def _pre_processed(source: Path, workdir: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -93,16 +94,21 @@ def lower(job: Job) -> dict[str, Any]:
     stats["non_delegated_ops"] = sorted({_op_name(n.target) for n in edge.exported_program().graph.nodes
                                          if n.op == "call_function" and _op_name(n.target)
                                          not in ("executorch_call_delegate", "getitem")})
+    stats["kernel_libraries"] = sorted({KERNEL_LIBRARIES[n.target.namespace] for n in edge.exported_program().graph.nodes
+                                        if getattr(n.target, "namespace", None) in KERNEL_LIBRARIES})
     stats["planned_input_shapes"] = _planned_shapes(artifact)
     stats["left_out_of_delegate"] = left_out
     stats["warnings"] = _narrowed_dims(job.io["inputs"], stats["planned_input_shapes"]) + [
         f"module {failed['module']} left out of the XNNPACK delegate, on ExecuTorch's portable kernels: "
-        f"lowering it failed ({failed['error']}); upstream repro: {failed['repro']}" for failed in left_out]
+        f"lowering it failed ({failed['error']}); upstream repro: {failed['repro']}" for failed in left_out] + [
+        f"the app must link ExecuTorch's {library} kernels ({library}_ops_lib): operators outside the delegate use them"
+        for library in stats["kernel_libraries"]]
     (job.workdir / "program_stats.json").write_text(json.dumps(stats, indent=1))
     return {"artifact": artifact.name, "delegated_share": stats["delegated_share"],
             "warnings": stats["warnings"], "left_out_of_delegate": [f["module"] for f in left_out]}
 
 
+KERNEL_LIBRARIES = {"quantized_decomposed": "quantized"}  # op namespace -> ExecuTorch kernel library it needs
 RETRIES = 4  # modules left out of the delegate before a lowering failure is the user's to fix
 
 
@@ -178,12 +184,21 @@ def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path
         release()
         try:
             executorch_program = edge.to_executorch(ExecutorchBackendConfig(
-                passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))]))
+                passes=[InitializedMutableBufferPass(_mutable_buffers(edge.exported_program()))],
+                do_quant_fusion_and_const_prop=_torchao_left(edge.exported_program())))
             with open(path, "wb") as out:
                 executorch_program.write_to_file(out)
         except Exception as exc:
             raise lowering_failure("ExecuTorch lowering", exc, edge.exported_program()) from exc
     return edge
+
+
+def _torchao_left(program: torch.export.ExportedProgram) -> bool:
+    """Whether torchao's quantize ops are left outside the delegate (a 4-bit embedding table):
+    they have no ExecuTorch kernel, and ExecuTorch's quant fusion rewrites them into its quantized
+    kernels (dequantize_affine + embedding -> quantized_decomposed.embedding_4bit). Only then: the
+    fusion would also rewrite the PT2E patterns XNNPACK leaves, which run as they are today."""
+    return any(getattr(n.target, "namespace", None) == "torchao" for n in program.graph.nodes)
 
 
 def reference(job: Job) -> tuple[Callable, dict[str, str]]:
@@ -243,15 +258,35 @@ def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     """Weights by dtype and quantize/dequantize op counts of the program being serialized."""
     by_dtype: Counter[str] = Counter()
     for tensor in used_tensors(program):  # unused originals are not shipped
-        by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+        for dtype, size in _stored(tensor):
+            by_dtype[dtype] += size
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     embeddings = _embedding_bytes(program)
-    quantize_ops = sum(c for t, c in targets.items() if "quantize_per" in t and "dequantize" not in t)
-    dequantize_ops = sum(c for t, c in targets.items() if "dequantize_per" in t)
+    quantize_ops = sum(c for t, c in targets.items() if QUANTIZES.search(t) and "dequantize" not in t)
+    dequantize_ops = sum(c for t, c in targets.items() if QUANTIZES.search(t) and "dequantize" in t)
     return {**weight_summary(dict(by_dtype), "the program handed to ExecuTorch lowering "
                              "(the backend may store some weights wider: see bytes_per_parameter)"),
             "quantize_ops": quantize_ops, "dequantize_ops": dequantize_ops,
             "graph_nodes": sum(targets.values()), **({"embedding_bytes": embeddings} if embeddings else {})}
+
+
+QUANTIZES = re.compile(r"quantize_(per|affine)")  # PT2E's quantize_per_* (quantized_decomposed), torchao's
+
+
+def _stored(tensor: torch.Tensor) -> list[tuple[str, int]]:
+    """(dtype, bytes) of a weight as stored: a torchao quantized tensor (int4 values held in int8,
+    its scales and zero points) by its parts, its values at their target width."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [(str(tensor.dtype).removeprefix("torch."), tensor.numel() * tensor.element_size())]
+    parts = []
+    for name in tensor.__tensor_flatten__()[0]:
+        inner = getattr(tensor, name)
+        if name == "qdata" and getattr(tensor, "target_dtype", None) is not None:
+            dtype = str(tensor.target_dtype).removeprefix("torch.")  # int4: torch.iinfo takes no sub-byte type
+            parts.append((dtype, (inner.numel() * int(re.sub(r"\D", "", dtype)) + 7) // 8))
+        else:
+            parts += _stored(inner)
+    return parts
 
 
 def _embedding_bytes(program: torch.export.ExportedProgram) -> int:
@@ -285,8 +320,9 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
-    from ..runtimes.device_worker import dynamic_batch, pte_runner
+    from ..runtimes.device_worker import dynamic_batch, load_kernel_libraries, pte_runner
 
+    load_kernel_libraries(str(artifact))
     if threads:
         _unsafe_reset_threadpool(threads)  # XNNPACK's pool: every call of this process
     method = Runtime.get().load_program(Path(artifact)).load_method("forward")
@@ -301,7 +337,10 @@ def op_times(artifact: Path, io: dict[str, Any], feed: dict[str, np.ndarray], th
     from executorch.devtools import Inspector
     from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
 
+    from ..runtimes.device_worker import load_kernel_libraries
+
     _unsafe_reset_threadpool(threads)
+    load_kernel_libraries(str(artifact))
     module = _load_for_executorch(str(artifact), enable_etdump=True)
     inputs = [torch.from_numpy(np.ascontiguousarray(feed[spec["name"]])) for spec in io["inputs"]]
     for _ in range(calls):

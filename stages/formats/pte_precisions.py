@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import Job, link_or_copy
+from .int4 import Int4Options, nothing_quantized
 from .schemes import scheme
 
 PROGRAM = "program.pt2"
@@ -48,3 +49,22 @@ def _pt2e(job: Job, dynamic: bool) -> str:
     reexport(module, job.io["inputs"], job.workdir / PROGRAM)
     return (f"PT2E XNNPACKQuantizer {'dynamic' if dynamic else 'static'} "
             f"{'per-channel' if job.quantize.per_channel else 'per-tensor'}")
+
+
+@scheme("pte", "int4", options=Int4Options)
+def int4(job: Job) -> str:
+    import torch
+
+    from .fx_graph import reexport
+    from .torchao_weights import int4_weights
+
+    options: Int4Options = job.options
+    module = torch.export.load(job.source / PROGRAM).module()
+    done = int4_weights(module, options, list(job.quantize.keep_float))
+    if not done.linear + done.embeddings:
+        raise nothing_quantized(options, done.narrow)
+    reexport(module, job.io["inputs"], job.workdir / PROGRAM)
+    return (f"torchao 8-bit dynamic activations, 4-bit weights in groups of {options.group_size} "
+            f"({len(done.linear)} Linear" + (f", {len(done.embeddings)} embedding tables" if done.embeddings else "")
+            + ")" + (f", float where the width is not a multiple of {options.group_size}: "
+                     f"{', '.join(done.narrow)}" if done.narrow else ""))

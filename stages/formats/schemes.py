@@ -86,12 +86,14 @@ def options(precision: dict[str, Any], fmt: str) -> Any:
             raise PipelineError(f"precision={found.precision} ({fmt}) takes no options, got "
                                 f"{', '.join(given)}", fix="remove precision.options", stage="config")
         return None
-    try:
+    try:  # the dataclass's __post_init__ checks values: a ValueError names what is wrong
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(found.options), given))
     except OmegaConfBaseException as exc:
-        raise PipelineError(f"precision.options.{exc.full_key}: {str(exc).splitlines()[0]}",
-                            fix=f"use the options {found.precision} ({fmt}) declares in {found.where}",
-                            stage="config") from None
+        problem = f"precision.options.{exc.full_key}: {str(exc).splitlines()[0]}"
+    except ValueError as exc:
+        problem = f"precision.options: {exc}"
+    raise PipelineError(problem, fix=f"use the options {found.precision} ({fmt}) declares in {found.where}",
+                        stage="config")
 
 
 def check(root: dict[str, Any]) -> None:

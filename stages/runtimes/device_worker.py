@@ -89,6 +89,18 @@ def _extensions_library() -> str:
     return glob.glob(os.path.join(package, "_extensions_pydll*.so"))[0]
 
 
+def load_kernel_libraries(artifact: str) -> list[str]:
+    """The ExecuTorch kernel libraries a .pte's operators outside the delegate need, registered
+    in this process (program_stats.json beside it lists them; lowering writes it): ExecuTorch's
+    quantized kernels (a 4-bit embedding table's quantized_decomposed::embedding_4bit), which an
+    app links as quantized_ops_lib. Loading them imports torch: only when the program needs them."""
+    stats = os.path.join(os.path.dirname(artifact), "program_stats.json")
+    libraries = json.load(open(stats)).get("kernel_libraries", []) if os.path.exists(stats) else []
+    if "quantized" in libraries:
+        import executorch.kernels.quantized  # noqa: F401  registers them with the runtime
+    return libraries
+
+
 def open_pte(spec: dict):
     """The program through ExecuTorch's runtime bindings (XNNPACK registered), a batch larger than
     its planned one split as the host's backend splits it. The bindings' extension itself, not
@@ -98,6 +110,7 @@ def open_pte(spec: dict):
     from importlib.metadata import version
 
     portable_lib._unsafe_reset_threadpool(spec["threads"])
+    load_kernel_libraries(spec["artifact"])
     module = portable_lib._load_for_executorch(spec["artifact"])
     return (pte_runner(module.forward, module.method_meta("forward"), spec["inputs"], spec["batched"]),
             f"executorch {version('executorch')} runtime, XNNPACK")

@@ -232,6 +232,8 @@ def _check_bundle(bundle: Path) -> dict[str, Any]:
     given no bound, the outputs are judged here with max_abs and cosine."""
     from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
 
+    from ..runtimes.device_worker import load_kernel_libraries
+
     if not bundle.is_file():
         raise PipelineError(f"{bundle.with_suffix('.pte')}: no test cases beside it ({bundle.name} missing)")
     meta = _meta(bundle.with_name(bundle.name + ".json"))
@@ -242,6 +244,7 @@ def _check_bundle(bundle: Path) -> dict[str, Any]:
         return _judge([], f"{bundle.name} holds another program than {pte.name} (rebuilt after bundling?)")
     if meta["method"] not in suites:
         raise PipelineError(f"{bundle}: no test cases for method '{meta['method']}'")
+    load_kernel_libraries(str(pte))
     results = []
     for case, (_, expected) in enumerate(suites[meta["method"]]):
         try:

@@ -111,3 +111,47 @@ def float16_without_weights(model, **options):
 
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
         return float16.convert_float_to_float16(model, **options)
+
+
+def gemms_as_matmuls(model) -> int:
+    """Each Gemm with a constant weight (the exporter's nn.Linear on 2-D inputs) rewritten as the
+    MatMul + Add it computes, in place; returns how many.
+
+    onnxruntime's MatMulNBitsQuantizer quantizes MatMul (and Gather) only:
+    `DefaultWeightOnlyQuantConfig.op_types_to_quantize` defaults to {"MatMul"} and
+    `DefaultWeightOnlyQuantizer` builds MatMulNBits from a MatMul's constant B alone
+    (onnxruntime/quantization/matmul_nbits_quantizer.py); a Gemm is passed over, so a classifier
+    head or any Linear on a (batch, features) input would stay float at int4. The MatMul keeps the
+    Gemm's name and metadata (module paths), so keep_float still finds it.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in weights or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        matrix = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
+                                         f"{node.input[1]}_as_matmul")
+        model.graph.initializer.append(matrix)
+        product = f"{node.output[0]}_product" if len(node.input) > 2 and node.input[2] else node.output[0]
+        matmul = helper.make_node("MatMul", [node.input[0], matrix.name], [product], name=node.name)
+        matmul.metadata_props.extend(node.metadata_props)
+        nodes.append(matmul)
+        if product != node.output[0]:
+            bias = helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias")
+            bias.metadata_props.extend(node.metadata_props)
+            nodes.append(bias)
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return rewritten
