@@ -266,7 +266,7 @@ class Cache:
         free = human_bytes(shutil.disk_usage(self.root).free)
         return PipelineError(f"no space left on the device for the cache in {self.root} ({free} "
                              f"free): free some (python -m pipelines.cache prune) or set cache.dir "
-                             f"to a larger disk", stage=stage)
+                             f"to a larger disk", stage=stage, transient=True)
 
     def _out_of_space(self, exc: BaseException) -> bool:
         """ENOSPC or EDQUOT anywhere in the chain, or a library failure with the disk (nearly)
@@ -301,6 +301,27 @@ class Cache:
             shutil.rmtree(workdir, ignore_errors=True)
             return entry
         return Entry(key, final / "files", meta)
+
+    # failures: a stage that failed on its inputs fails again on the same key
+
+    def _failure_file(self, key: str) -> Path:
+        return self.root / "failures" / key[:2] / f"{key}.json"
+
+    def failure(self, key: str) -> dict[str, Any] | None:
+        """What a stage raised the last time it ran on this key (never an entry to build on)."""
+        try:
+            record = json.loads(self._failure_file(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("key") == key else None
+
+    def record_failure(self, key: str, record: dict[str, Any]) -> None:
+        path = self._failure_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**record, "key": key})
+
+    def forget_failure(self, key: str) -> None:
+        self._failure_file(key).unlink(missing_ok=True)
 
     def discard(self, directory: Path) -> None:
         """Remove an entry: renamed aside at once (a lookup never sees half of it), then deleted."""

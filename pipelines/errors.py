@@ -6,16 +6,19 @@ class PipelineError(Exception):
     """An input or configuration problem the user can fix.
 
     The runner prints it as one short block (stage, problem, fix) with no traceback,
-    exits non-zero, and stores nothing in the cache for the failing stage.
+    exits non-zero, and stores no entry for the failing stage: the cache records the failure
+    under the stage's key instead (unless it is transient), so an unchanged re-run reports it
+    at once (Cache.failure).
     """
 
     def __init__(self, message: str, *, fix: str = "", stage: str | None = None,
-                 module: str | None = None):
+                 module: str | None = None, transient: bool = False):
         super().__init__(message)
         self.message = message
         self.fix = fix
         self.stage = stage
         self.module = module  # the model's module it broke on, when known (blocks.0.norm)
+        self.transient = transient  # the machine's doing (memory, disk), not the stage's inputs
 
     def __reduce__(self):  # crosses from a stage's process (pipelines/isolation.py) whole
         return _rebuild, (type(self), self.args, dict(self.__dict__), _portable_cause(self))

@@ -108,7 +108,7 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
         outcome, value, peak = receive.recv()
     except EOFError:  # it ended without an answer: killed, or crashed in a library
         child.join()
-        raise PipelineError(_death(child.exitcode), stage=stage,
+        raise PipelineError(_death(child.exitcode), stage=stage, transient=True,
                             fix="if it ran out of memory, run fewer jobs at once "
                                 "(hydra.launcher.n_jobs=1) or give the job more memory") from None
     except BaseException:  # Ctrl-C or an error here: the child must not outlive the call

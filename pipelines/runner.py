@@ -114,6 +114,20 @@ def run_stage(fn, ctx: StageContext, run_dir: Path, model_modules: list[str]) ->
                             fix=f"see {run_dir / 'run.log'} for the full traceback") from exc
 
 
+def failure_record(exc: PipelineError, stage: str, run_dir: Path, seconds: float) -> dict[str, Any]:
+    return {"stage": exc.stage or stage, "message": exc.message, "fix": exc.fix, "module": exc.module,
+            "type": type(exc).__name__, "run_dir": str(run_dir), "seconds": round(seconds, 2),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def recorded_failure(record: dict[str, Any]) -> PipelineError:
+    """The error a stage raised on this key before, raised again without running it."""
+    seen = (f"recorded {record['when']} by the run in {record['run_dir']} ({record['seconds']:.1f}s), "
+            f"not run again: cache.refresh=[{record['stage']}] retries it")
+    return PipelineError(record["message"], stage=record["stage"], module=record["module"],
+                         fix="; ".join(filter(None, [record["fix"], seen])))
+
+
 class Runner:
     """Runs the chain for every part of the configured model and records what happened."""
 
@@ -201,12 +215,22 @@ class Runner:
             entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
                 return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
-            with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
-                started = time.monotonic()
-                result, peak = self._call(stage, view, inputs, tmp / "files", part)
-                meta = {"stage": stage.name, "material": material, "result": result,
-                        "seconds": time.monotonic() - started}
-                entry = self.cache.commit(key, tmp, meta)
+            failed = None if fresh else self.cache.failure(key)
+            if failed is not None:
+                raise recorded_failure(failed)
+            started = time.monotonic()
+            try:
+                with self.cache.building(stage.name) as tmp:  # removed, and a full disk named, on failure
+                    result, peak = self._call(stage, view, inputs, tmp / "files", part)
+                    meta = {"stage": stage.name, "material": material, "result": result,
+                            "seconds": time.monotonic() - started}
+                    entry = self.cache.commit(key, tmp, meta)
+            except PipelineError as exc:
+                if not exc.transient:  # the same inputs fail the same way: say so at once next time
+                    self.cache.record_failure(key, failure_record(exc, stage.name, self.run_dir,
+                                                                  time.monotonic() - started))
+                raise
+            self.cache.forget_failure(key)
             return StageOutput(key, entry.files, result, entry.meta["files"]), False, peak
 
     def _call(self, stage: Stage, view, inputs, workdir: Path, part: str) -> tuple[dict[str, Any], float | None]:

@@ -150,3 +150,41 @@ def test_another_host_on_a_shared_cache_recomputes_what_its_cpu_decides(run_tiny
     missed = [s for s, hit in hits(second).items() if not hit]
     assert first.status == second.status == "pass" and missed == ["verify", "verify_target"]
     assert calls["verify"] == 2 and calls["lower"] == 1
+
+
+def test_a_failure_on_the_same_inputs_is_reported_from_its_record_without_running(run_tiny, tmp_path, calls):
+    failing = ("calibration=files", f"calibration.files=[{tmp_path}/calib.npz]")
+    first = run_tiny(*failing)
+    assert first.status == "fail" and "does not exist" in first.error and calls["calibrate"] == 1
+    again = run_tiny(*failing)
+    assert calls["calibrate"] == 1  # not run again: the record answered
+    assert again.error.splitlines()[0] == first.error.splitlines()[0]
+    assert "not run again: cache.refresh=[calibrate] retries it" in again.error
+    retried = run_tiny(*failing, "cache.refresh=[calibrate]")
+    assert calls["calibrate"] == 2 and "not run again" not in retried.error
+    from tests.tiny import calibration
+    import numpy as np
+
+    np.savez(tmp_path / "calib.npz", **calibration())  # the input changed: a new key, and it runs
+    fixed = run_tiny(*failing)
+    assert fixed.status == "pass", fixed.error
+    assert calls["calibrate"] == 3
+
+
+def test_a_transient_failure_is_never_recorded(run_tiny, tmp_path, monkeypatch, in_process):
+    """Out of memory, a killed worker, a full disk: the machine's doing, tried again next run."""
+    import stages  # noqa: F401
+    from pipelines.errors import PipelineError
+
+    runs = Counter()
+
+    def killed(ctx):
+        runs["calibrate"] += 1
+        raise PipelineError("the stage's process died (killed)", transient=True)
+
+    monkeypatch.setitem(STAGES, "calibrate", dataclasses.replace(STAGES["calibrate"], fn=killed))
+    for _ in range(2):
+        run = run_tiny("precision=int8")
+        assert run.status == "fail" and "died" in run.error and "not run again" not in run.error
+    assert runs["calibrate"] == 2
+    assert not list((tmp_path / "cache" / "failures").rglob("*.json"))
