@@ -172,3 +172,17 @@ def test_a_wrapped_constructor_error_shows_the_root_cause(run_tiny):
     run = run_tiny("+model.arch.colour=red")
     assert run.status == "fail" and "[clean_state_dict]" in run.error
     assert "TypeError" in run.error and "colour" in run.error and "Error in call to target" not in run.error
+
+
+def test_a_failing_executorch_call_names_its_error_operator_and_module_and_mixed_repairs_it(run_tiny):
+    """A -1e9 mask constant has no fp16 value: ExecuTorch's scalar_tensor kernel refuses it at
+    run time (0x12). The console says which error, operator and module; on_failure=mixed keeps
+    that module in fp32 and the repaired program is verified before it is accepted."""
+    masked = ("format=pte", "precision=fp16", "model.arch._target_=tests.tiny.MaskedNet")
+    failed = run_tiny(*masked)
+    assert failed.status == "fail" and "[verify]" in failed.error
+    assert "ExecuTorch error 0x12 (InvalidArgument) in operator aten::scalar_tensor.out" in failed.error
+    assert "from module floor" in failed.error
+    repaired = run_tiny(*masked, "quantize.on_failure=mixed")
+    assert repaired.status == "mixed" and repaired.float_layers == ["floor"], repaired.error
+    assert repaired.result("verify")["passed"]

@@ -167,3 +167,19 @@ def write_word_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(WordNet().state_dict(), path)
     return path
+
+
+class Floor(nn.Module):
+    """Masks negative features with -1e9: a constant half precision cannot hold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x, -1e9)
+
+
+class MaskedNet(TinyNet):
+    def __init__(self, **sizes):
+        super().__init__(**sizes)
+        self.floor = Floor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.floor(x).clamp(min=-4.0))

@@ -19,7 +19,7 @@ from ..support.export_errors import lowering_failure, traceback_frames
 from ..support.model_builder import used_tensors
 from ..upstream.executorch import conv_backends_off, edge_compile_config, prelu_in_four_dims, xnnpack_partitioner
 from . import Job, link_or_copy, weight_summary
-from .fx_graph import module_outputs, module_types, reexport, requantized, with_outputs, within
+from .fx_graph import module_outputs, module_paths, module_types, reexport, requantized, with_outputs, within
 from .pte_precisions import PROGRAM
 
 SUFFIX = ".pte"
@@ -94,6 +94,7 @@ def lower(job: Job) -> dict[str, Any]:
     stats["non_delegated_ops"] = sorted({_op_name(n.target) for n in edge.exported_program().graph.nodes
                                          if n.op == "call_function" and _op_name(n.target)
                                          not in ("executorch_call_delegate", "getitem")})
+    stats["operator_modules"] = _operator_modules(edge.exported_program())
     stats["kernel_libraries"] = sorted({KERNEL_LIBRARIES[n.target.namespace] for n in edge.exported_program().graph.nodes
                                         if getattr(n.target, "namespace", None) in KERNEL_LIBRARIES})
     stats["planned_input_shapes"] = _planned_shapes(artifact)
@@ -300,10 +301,23 @@ def _embedding_bytes(program: torch.export.ExportedProgram) -> int:
                if name in {names.get(n) for n in tables} and t.is_floating_point())
 
 
+def _operator_modules(program: torch.export.ExportedProgram) -> dict[str, list[str]]:
+    """The model's modules each operator outside the delegate comes from, by operator name, so
+    a runtime failure in `aten::scalar_tensor.out` can name the layer it is in."""
+    found: dict[str, set[str]] = {}
+    for node in program.graph.nodes:
+        paths = module_paths(node) if node.op == "call_function" else []
+        if paths:
+            found.setdefault(_op_name(node.target), set()).add(paths[-1])
+    return {op: sorted(paths) for op, paths in sorted(found.items())}
+
+
 def _op_name(target: Any) -> str:
-    """'aten.convolution.default' -> 'convolution'; plain callables by their name."""
-    parts = str(target).split(".")
-    return parts[-2] if len(parts) >= 2 else getattr(target, "__name__", str(target))
+    """aten.convolution.default (an OpOverload, or an edge op: 'aten.convolution.default' by
+    its __name__, never its str, which appends the schema) -> 'convolution'; plain callables by
+    their name."""
+    parts = str(getattr(target, "__name__", target)).split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
 
 
 def runtime(as_written: bool = False) -> str:
@@ -327,7 +341,7 @@ def load(artifact: Path, io: dict[str, Any], threads: int | None = None, as_writ
         _unsafe_reset_threadpool(threads)  # XNNPACK's pool: every call of this process
     method = Runtime.get().load_program(Path(artifact)).load_method("forward")
     return pte_runner(method.execute, method.metadata, [spec["name"] for spec in io["inputs"]],
-                      dynamic_batch(io["inputs"]))
+                      dynamic_batch(io["inputs"]), str(artifact))
 
 
 def op_times(artifact: Path, io: dict[str, Any], feed: dict[str, np.ndarray], threads: int, calls: int,

@@ -89,6 +89,69 @@ def _extensions_library() -> str:
     return glob.glob(os.path.join(package, "_extensions_pydll*.so"))[0]
 
 
+# runtime/core/error.h of ExecuTorch: the codes its calls fail with
+EXECUTORCH_ERRORS = {
+    0x01: "Internal", 0x02: "InvalidState", 0x03: "EndOfMethod", 0x04: "AlreadyLoaded",
+    0x10: "NotSupported", 0x11: "NotImplemented", 0x12: "InvalidArgument", 0x13: "InvalidType",
+    0x14: "OperatorMissing", 0x20: "NotFound", 0x21: "MemoryAllocationFailed", 0x22: "AccessFailed",
+    0x23: "InvalidProgram", 0x24: "InvalidExternalData", 0x25: "OutOfResources",
+    0x30: "DelegateInvalidCompatibility", 0x31: "DelegateMemoryAllocationFailed", 0x32: "DelegateInvalidHandle",
+}
+
+
+class CallFailed(RuntimeError):
+    """A runtime call that failed, with the model's module it failed in when known (the runner
+    passes it on: a repair keeps that module in float first)."""
+
+    def __init__(self, message: str, module: str | None = None):
+        super().__init__(message)
+        self.module = module
+
+
+def executorch_failure(message: str, again, artifact: str) -> CallFailed:
+    """A failed ExecuTorch call explained: the error's name, and the operator, instruction and
+    kernel check that failed, which only the runtime's own log on fd 2 says ("KernelCall failed
+    at instruction 0:1 in operator aten::scalar_tensor.out: 0x12"): the call is made `again`
+    with that log captured (a failure on the same inputs repeats), and the operator traced to
+    the model's modules that lowering recorded beside the artifact (program_stats.json)."""
+    import re
+    import tempfile
+
+    found = re.search(r"error (0x[0-9a-fA-F]+)", message)
+    if not found:
+        return CallFailed(message)
+    code = int(found.group(1), 16)
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            again()
+        except Exception:  # noqa: BLE001  the failure is what is wanted: its log
+            pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    explained = f"ExecuTorch error 0x{code:x} ({EXECUTORCH_ERRORS.get(code, 'unknown code')})"
+    call = re.search(r"failed at instruction (\S+) in operator (\S+?):? 0x", text)
+    modules: list[str] = []
+    if call:
+        operator = call.group(2)
+        explained += f" in operator {operator} (instruction {call.group(1)})"
+        check = re.search(r"\[(op_\w+\.cpp:\d+)\] (Check failed[^\n]*)", text)
+        explained += f": {check.group(1)} {check.group(2).strip().rstrip(':')}" if check else ""
+        modules = _operator_modules(artifact).get(operator.split("::")[-1].split(".")[0], [])
+        explained += f"; from module {', '.join(modules)}" if modules else ""
+    return CallFailed(f"{explained} [{message}]", modules[0] if len(modules) == 1 else None)
+
+
+def _operator_modules(artifact: str) -> dict[str, list[str]]:
+    stats = os.path.join(os.path.dirname(artifact), "program_stats.json")
+    return json.load(open(stats)).get("operator_modules", {}) if os.path.exists(stats) else {}
+
+
 def load_kernel_libraries(artifact: str) -> list[str]:
     """The ExecuTorch kernel libraries a .pte's operators outside the delegate need, registered
     in this process (program_stats.json beside it lists them; lowering writes it): ExecuTorch's
@@ -112,7 +175,8 @@ def open_pte(spec: dict):
     portable_lib._unsafe_reset_threadpool(spec["threads"])
     load_kernel_libraries(spec["artifact"])
     module = portable_lib._load_for_executorch(spec["artifact"])
-    return (pte_runner(module.forward, module.method_meta("forward"), spec["inputs"], spec["batched"]),
+    return (pte_runner(module.forward, module.method_meta("forward"), spec["inputs"], spec["batched"],
+                       spec["artifact"]),
             f"executorch {version('executorch')} runtime, XNNPACK")
 
 
@@ -121,16 +185,21 @@ def dynamic_batch(specs: list[dict]) -> bool:
     return all("0" in map(str, spec.get("dynamic") or {}) for spec in specs)
 
 
-def pte_runner(forward, meta, names: list[str], batched: bool):
+def pte_runner(forward, meta, names: list[str], batched: bool, artifact: str):
     """fn(feed) -> outputs of a loaded program's forward (a list of tensors in, tensors out); a
-    batch larger than the program's planned one is run in pieces when the batch is dynamic.
+    batch larger than the program's planned one is run in pieces when the batch is dynamic; a
+    failing call raises an error that names ExecuTorch's error, the operator and its module.
     The host's backend (stages/formats/pte.py) runs its programs with it too."""
     import torch
 
     bound = min(meta.input_tensor_meta(i).sizes()[0] for i in range(meta.num_inputs()))
 
     def execute(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = forward([torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names])
+        tensors = [torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names]
+        try:
+            outputs = forward(tensors)
+        except RuntimeError as exc:
+            raise executorch_failure(str(exc), lambda: forward(tensors), artifact) from None
         return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
