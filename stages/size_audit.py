@@ -68,11 +68,10 @@ def kept_parameters(modules_json, keep: list[str]) -> int:
 def check_precision(precision: dict[str, Any], inspection: dict[str, Any], float_bytes: int = 0) -> tuple[bool, str]:
     """The artifact must hold its precision's weights (`precision.weights.dtypes`) and, where it
     is quantized, quantization ops, in all but the bytes that are float on purpose: `float_bytes`
-    (layers kept float, processing steps' constants) and the embedding tables XNNPACK's
-    quantizer leaves in float."""
+    (layers kept float, processing steps' constants)."""
     name, wanted = precision["name"], precision["weights"]
     share, weights = inspection["weight_share_by_dtype"], inspection["weight_bytes_by_dtype"]
-    exempt = float_bytes + (inspection.get("embedding_bytes", 0) if wanted["quantized"] else 0)
+    exempt = float_bytes
     judged = max(sum(weights.values()) - exempt, 1)
     besides = f" besides {exempt:,} bytes float on purpose" if exempt else ""
     held = sum(weights.get(dtype, 0) for dtype in wanted["dtypes"])

@@ -71,3 +71,16 @@ def test_stored_bytes_of_a_four_bit_tensor_count_half_a_byte_a_value():
     stored = dict(_stored(table.weight))
     assert stored["int4"] == 64 * 32 // 2
     assert np.isclose(sum(stored.values()), 64 * 32 / 2 + 64 * 4 * 2, rtol=0.5)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8_dynamic"])
+def test_int8_pte_holds_its_embedding_tables_in_int8(run_tiny, words, precision):
+    """XNNPACKQuantizer leaves embedding tables float; the int8 .pte stores them int8 (torchao,
+    ExecuTorch's embedding_byte kernel), so a language model's file shrinks as its audit says."""
+    run = run_tiny(f"precision={precision}", "format=pte", "calibration=synthetic", model="tiny_words",
+                   checkpoint=words)
+    assert run.status == "pass", run.error
+    assert "1 embedding tables int8" in run.result("quantize")["method"]
+    audit = run.result("size_audit")
+    assert audit["weight_share_by_dtype"].get("float32", 0) < 0.25
+    assert "the app must link ExecuTorch's quantized kernels" in " ".join(run.result("lower")["warnings"])

@@ -262,13 +262,12 @@ def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
         for dtype, size in _stored(tensor):
             by_dtype[dtype] += size
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
-    embeddings = _embedding_bytes(program)
     quantize_ops = sum(c for t, c in targets.items() if QUANTIZES.search(t) and "dequantize" not in t)
     dequantize_ops = sum(c for t, c in targets.items() if QUANTIZES.search(t) and "dequantize" in t)
     return {**weight_summary(dict(by_dtype), "the program handed to ExecuTorch lowering "
                              "(the backend may store some weights wider: see bytes_per_parameter)"),
             "quantize_ops": quantize_ops, "dequantize_ops": dequantize_ops,
-            "graph_nodes": sum(targets.values()), **({"embedding_bytes": embeddings} if embeddings else {})}
+            "graph_nodes": sum(targets.values())}
 
 
 QUANTIZES = re.compile(r"quantize_(per|affine)")  # PT2E's quantize_per_* (quantized_decomposed), torchao's
@@ -288,17 +287,6 @@ def _stored(tensor: torch.Tensor) -> list[tuple[str, int]]:
         else:
             parts += _stored(inner)
     return parts
-
-
-def _embedding_bytes(program: torch.export.ExportedProgram) -> int:
-    """Bytes of the float tables aten.embedding reads: XNNPACKQuantizer leaves them float (it has
-    no embedding pattern), so an int8 program keeps them at their size."""
-    signature = program.graph_signature
-    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    tables = {node.args[0].name for node in program.graph.nodes if node.op == "call_function"
-              and "embedding" in str(node.target) and isinstance(node.args[0], torch.fx.Node)}
-    return sum(t.numel() * t.element_size() for name, t in program.state_dict.items()
-               if name in {names.get(n) for n in tables} and t.is_floating_point())
 
 
 def _operator_modules(program: torch.export.ExportedProgram) -> dict[str, list[str]]:

@@ -44,11 +44,14 @@ def _pt2e(job: Job, dynamic: bool) -> str:
 
     from .fx_graph import reexport
     from .pt2e import quantized
+    from .torchao_weights import int8_tables
 
     module = quantized(torch.export.load(job.source / PROGRAM), job, dynamic)
+    tables = int8_tables(module, list(job.quantize.keep_float)).embeddings
     reexport(module, job.io["inputs"], job.workdir / PROGRAM)
     return (f"PT2E XNNPACKQuantizer {'dynamic' if dynamic else 'static'} "
-            f"{'per-channel' if job.quantize.per_channel else 'per-tensor'}")
+            f"{'per-channel' if job.quantize.per_channel else 'per-tensor'}"
+            + (f", {len(tables)} embedding tables int8 (torchao)" if tables else ""))
 
 
 @scheme("pte", "int4", options=Int4Options)

@@ -32,33 +32,60 @@ class Quantized:
 
 def int4_weights(module: GraphModule, options: Int4Options, keep_float: list[str]) -> Quantized:
     """Linear weights to 4-bit groups with int8 dynamic activations (torchao's
-    Int8DynamicActivationIntxWeightConfig) and, where options.embeddings, the embedding tables to
-    4-bit groups (IntxWeightOnlyConfig); the modules keep_float names stay float."""
+    Int8DynamicActivationIntxWeightConfig, XNNPACK's kernels) and, where options.embeddings, the
+    embedding tables to 4-bit groups (IntxWeightOnlyConfig); keep_float's modules stay float."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
     groups = PerGroup(options.group_size)
-    linear = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=groups)
-    table = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups)
+    return _quantized_weights(
+        module, keep_float, options.fits,
+        Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=groups),
+        IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups) if options.embeddings else None)
+
+
+def int8_tables(module: GraphModule, keep_float: list[str]) -> Quantized:
+    """The embedding tables to int8, one scale a row (IntxWeightOnlyConfig, ExecuTorch's
+    embedding_byte kernel): XNNPACKQuantizer has no embedding pattern and leaves them float,
+    most of a language model's bytes."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return _quantized_weights(module, keep_float, lambda width: True, None,
+                              IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
+
+
+def _quantized_weights(module: GraphModule, keep_float: list[str], fits, linear, table) -> Quantized:
+    """Each weight of an aten.linear (with the `linear` config) or aten.embedding (`table`) whose
+    every reader is one of those, outside keep_float, quantized; a weight shared with another
+    reader (a tied lm_head under PT2E's own quantization) stays as it is."""
+    configs = {LINEAR: linear, EMBEDDING: table}
     done = Quantized()
-    for node in list(module.graph.nodes):
+    readers: dict[str, list[Node]] = {}
+    for node in module.graph.nodes:
         weight = _weight(node)
-        if weight is None or within(node, keep_float) or (node.target == EMBEDDING and not options.embeddings):
+        if weight is not None and configs[node.target] is not None and not within(node, keep_float):
+            readers.setdefault(weight.target, []).append(node)
+    for target, nodes in readers.items():
+        attribute = next(n for n in module.graph.nodes if n.op == "get_attr" and n.target == target)
+        if set(attribute.users) != set(nodes):
             continue
-        value = _attribute(module, weight.target)
-        where = ".".join(module_paths(node)[-1:]) or weight.target
-        if not options.fits(value.shape[1]):
-            done.narrow.append(where)
+        value = _attribute(module, target)
+        where = [".".join(module_paths(node)[-1:]) or target for node in nodes]
+        if not fits(value.shape[1]):
+            done.narrow += where
             continue
-        if node.target == LINEAR:
-            _set_attribute(module, weight.target, _quantized(torch.nn.Linear, value, linear))
-            node.target = torch.nn.functional.linear
-            done.linear.append(where)
-        else:  # aten.embedding(weight, indices, padding_idx, ...) -> F.embedding(indices, weight):
-            # the arguments after indices only shape gradients, never the forward's values
-            _set_attribute(module, weight.target, _quantized(torch.nn.Embedding, value, table))
-            node.target, node.args = torch.nn.functional.embedding, (node.args[1], node.args[0])
-            done.embeddings.append(where)
+        first = next((n for n in nodes if n.target == LINEAR), nodes[0])  # a tied table computes too
+        kind = torch.nn.Linear if first.target == LINEAR else torch.nn.Embedding
+        _set_attribute(module, target, _quantized(kind, value, configs[first.target]))
+        for node, path in zip(nodes, where):
+            if node.target == LINEAR:
+                node.target = torch.nn.functional.linear
+                done.linear.append(path)
+            else:  # aten.embedding(weight, indices, padding_idx, ...) -> F.embedding(indices, weight):
+                # the arguments after indices only shape gradients, never the forward's values
+                node.target, node.args = torch.nn.functional.embedding, (node.args[1], node.args[0])
+                done.embeddings.append(path)
     module.recompile()
     return done
 
