@@ -680,3 +680,75 @@ def test_a_module_the_delegate_fails_on_is_left_out_and_leaves_a_repro(tmp_path,
     done = subprocess.run([sys.executable, "repro.py"], cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "reproduced: AssertionError: Attempting to convert non-NHWC compatible node to NHWC" in done.stderr
+
+
+# ------------------------------------------------ int4: MatMulNBits and torchao's 4-bit tensors
+
+
+def _gemm_graph(path: Path) -> Path:
+    torch.onnx.export(nn.Sequential(nn.Linear(32, 8)).eval(), (torch.randn(2, 32),), str(path), dynamo=True)
+    return path
+
+
+def test_ort_nbits_quantizer_still_passes_over_a_gemm(tmp_path):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(_gemm_graph(tmp_path / "gemm.onnx")))
+    assert [n.op_type for n in model.graph.node] == ["Gemm"]
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    assert [n.op_type for n in quantizer.model.model.graph.node] == ["Gemm"]  # still float
+
+
+def test_a_gemm_rewritten_as_matmul_is_quantized_to_four_bits_and_matches(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from stages.upstream.onnxruntime import gemms_as_matmuls
+
+    path = _gemm_graph(tmp_path / "gemm.onnx")
+    model = onnx.load(str(path))
+    assert gemms_as_matmuls(model) == 1
+    rewritten = tmp_path / "matmul.onnx"
+    onnx.save(model, str(rewritten))
+    name = ort.InferenceSession(str(path)).get_inputs()[0].name
+    x = {name: np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)}
+    before = ort.InferenceSession(str(path)).run(None, x)[0]
+    assert np.allclose(ort.InferenceSession(str(rewritten)).run(None, x)[0], before, atol=1e-6)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    assert "MatMulNBits" in [n.op_type for n in quantizer.model.model.graph.node]
+    quantizer.model.save_model_to_file(str(tmp_path / "int4.onnx"))
+    after = ort.InferenceSession(str(tmp_path / "int4.onnx")).run(None, x)[0]
+    assert np.corrcoef(after.ravel(), before.ravel())[0, 1] > 0.99
+
+
+def _four_bit_linear_graph():
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    graph = torch.export.export(nn.Sequential(nn.Linear(32, 8)).eval(), (torch.randn(2, 32),)).module()
+    stand_in = nn.Linear(32, 8)
+    quantize_(stand_in, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                              weight_granularity=PerGroup(32)))
+    graph.get_submodule("0").weight = stand_in.weight
+    return graph
+
+
+def test_torchao_four_bit_tensor_still_fails_under_aten_linear():
+    with pytest.raises(NotImplementedError, match="aten.t"):
+        _four_bit_linear_graph()(torch.randn(2, 32))
+
+
+def test_four_bit_weights_on_an_exported_graph_are_quantized_and_match():
+    from stages.formats.int4 import Int4Options
+    from stages.formats.torchao_weights import int4_weights
+
+    model = nn.Sequential(nn.Linear(32, 8)).eval()
+    graph = torch.export.export(model, (torch.randn(2, 32),)).module()
+    done = int4_weights(graph, Int4Options(group_size=32), [])
+    x = torch.randn(2, 32)
+    assert len(done.linear) == 1
+    assert torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0) > 0.99
