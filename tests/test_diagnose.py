@@ -109,3 +109,19 @@ def test_a_conv_kept_float_leaves_the_activation_that_shared_its_scale_quantized
                    model="tiny_block", checkpoint=path)
     assert run.status == "pass" and run.float_layers == ["stem.conv"], run.error
     assert "kept float: stem.conv" in run.result("quantize")["method"]
+
+
+def test_mixed_stops_when_the_layers_kept_float_do_not_cut_the_error():
+    """Each attempt costs a rebuild and a verification: two layers kept float in a row that
+    leave the error where it was end the mixing (then fp32), naming what they left."""
+    from pipelines.repair import _stalled
+
+    def attempt(kept, max_rel):
+        return {"precision": "fp16", "keep_float": kept, "max_rel": max_rel}
+
+    helping = [attempt([], 9e-3), attempt(["a"], 4e-3), attempt(["a", "b"], 3.9e-3)]
+    assert _stalled(helping) == ""
+    stuck = [attempt([], 9e-3), attempt(["a"], 8.5e-3), attempt(["a", "b"], 8.4e-3)]
+    assert _stalled(stuck) == ("keeping a, b float left the error at 8.40e-03 of the largest value "
+                               "(was 9.00e-03): it builds up across the model")
+    assert _stalled(stuck[1:]) == ""  # one layer that did not help is not yet a pattern
