@@ -97,3 +97,24 @@ def test_boxes_are_judged_by_iou_after_the_apps_decode_step():
     with pytest.raises(PipelineError, match="part.boxes.decode tests.test_fidelity.corner_boxes failed"):
         judge([[deltas, logits]], [[shifted, logits]], ["deltas", "logits"], {}, None,
               boxes={"decode": {"_target_": "tests.test_fidelity.corner_boxes", "wrong": 1}})
+
+
+def test_integer_outputs_are_judged_equal_or_not_never_by_cosine():
+    """A token id that changed is a wrong token, however close the two numbers (cosine of two
+    long id sequences that differ in one place is still 0.9999)."""
+    from stages.support.fidelity import compare
+
+    eager = np.arange(100, 124, dtype=np.int64).reshape(1, 24)
+    artifact = eager.copy()
+    artifact[0, 15] += 1
+    measured = compare(eager, artifact)
+    assert measured["cosine"] > 0.9999 and measured["exact_match"] == pytest.approx(23 / 24)
+    loose_floats = OmegaConf.create({"max_abs": None, "mean_abs": None, "min_cosine": 0.98,
+                                     "min_top1_agreement": None})
+    passed, reason = check({"outputs": {"token": measured}}, loose_floats)
+    assert not passed
+    assert reason == ("output 'token' (integers) equals eager's at 95.83% of its values < 100%; "
+                      "the first differs at index [0, 15]")
+    stated = OmegaConf.create({"max_abs": 0.0, "mean_abs": None, "min_cosine": None, "min_top1_agreement": 0.95})
+    assert check({"outputs": {"token": measured}}, stated) == (True, "")  # a stated match rate, not max_abs
+    assert "exact_match" not in compare(eager.astype(np.float32), artifact.astype(np.float32))

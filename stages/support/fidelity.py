@@ -101,8 +101,17 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     norm = np.linalg.norm(e) * np.linalg.norm(a)
     cosine = float(e @ a / norm) if norm > 0 else float(np.array_equal(e, a))
     worst = float(diff.max(initial=0.0))
-    return {"max_abs": worst, "max_rel": relative_to(worst, float(np.abs(e).max(initial=0.0))),
-            "mean_abs": float(diff.mean()) if diff.size else 0.0, "cosine": cosine}
+    found = {"max_abs": worst, "max_rel": relative_to(worst, float(np.abs(e).max(initial=0.0))),
+             "mean_abs": float(diff.mean()) if diff.size else 0.0, "cosine": cosine}
+    if _integral(expected) and _integral(actual):  # token ids, class indices: equal or not
+        differ = np.flatnonzero(e != a)
+        found["exact_match"] = 1.0 - differ.size / max(e.size, 1)
+        found["first_mismatch"] = [int(i) for i in np.unravel_index(differ[0], expected.shape)] if differ.size else None
+    return found
+
+
+def _integral(values: np.ndarray) -> bool:
+    return np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_
 
 
 def relative_to(error: float, scale: float) -> float:
@@ -192,6 +201,12 @@ def check(report: dict[str, Any], tol) -> tuple[bool, str]:
     for name, m in report["outputs"].items():
         if "shape_mismatch" in m:
             return False, f"output '{name}' has shape {m['shape_mismatch'][1]}, eager gives {m['shape_mismatch'][0]}"
+        if "exact_match" in m:  # integers are judged equal or not, never by closeness
+            wanted = tol.min_top1_agreement if tol.min_top1_agreement is not None else 1.0
+            if m["exact_match"] < wanted:
+                return False, (f"output '{name}' (integers) equals eager's at {m['exact_match']:.2%} of its "
+                               f"values < {wanted:.0%}; the first differs at index {m['first_mismatch']}")
+            continue
         if tol.max_abs is not None and not m["max_abs"] <= tol.max_abs:
             return False, f"output '{name}' max abs error {m['max_abs']:.3g} > {tol.max_abs:g}"
         if tol.get("max_rel") is not None and not m.get("max_rel", 0.0) <= tol.max_rel:
