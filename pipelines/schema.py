@@ -151,6 +151,21 @@ PartTolerance = make_dataclass("PartTolerance", [(name, Optional[ToleranceOverri
 
 
 @dataclass
+class GenerateConfig:
+    """A decoder step verified by what it generates (stages/support/generation.py): prompts fed a
+    token a call, then its greedy choice fed back, its state carried; eager's tokens vs the
+    artifact's."""
+
+    token: str = MISSING  # the input that takes one token id a call
+    logits: str = MISSING  # the output whose argmax (last axis) is the next token
+    position: Optional[str] = None  # an input that takes the call's position (a cache position)
+    steps: int = 24  # tokens generated after each prompt
+    prompts: int = 4  # held-out prompts: seeded token ids in the token input's [low, high)
+    prompt_length: int = 4
+    seed: int = 0
+
+
+@dataclass
 class PartConfig:
     """One exported component of a model (an encoder, a step decoder)."""
 
@@ -167,6 +182,7 @@ class PartConfig:
     # detectors: the app's decode step, judged by box IoU with eager's:
     # {decode: {_target_: fn(outputs={name: array}, ...) -> {boxes: (N, K, 4), scores: (N, K)}}, top: 50}
     boxes: Optional[Dict[str, Any]] = None
+    generate: Optional[GenerateConfig] = None  # a decoder step: verified by greedy generation
     eval_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> held-out inputs (and labels)
     calibration_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> training-split inputs
     state: Dict[str, str] = field(default_factory=dict)  # state input -> output, e.g. {h0: h1}

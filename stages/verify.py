@@ -79,9 +79,16 @@ def run(ctx: StageContext) -> dict:
         report["stream"] = verify_stream(ctx.cfg.verify.stream, tolerance, step, eager_io,
                                          _resetter(eager, eager_io), artifact, io, ctx.workdir / STREAM)
         report.setdefault("outputs", report["stream"]["outputs"])
+    if ctx.cfg.part.generate is not None:
+        from .support.generation import verify_generation
+
+        report["generation"] = verify_generation(
+            ctx.cfg.part.generate, tolerance, step, eager_io, _resetter(eager, eager_io),
+            lambda: fmt.load(lower.dir / lower.result["artifact"], io, as_written=as_written), io)
     report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
-    if report["passed"] and "stream" in report:
-        report["passed"], report["reason"] = report["stream"]["passed"], report["stream"]["reason"]
+    for kind in ("stream", "generation"):
+        if report["passed"] and kind in report:
+            report["passed"], report["reason"] = report[kind]["passed"], report[kind]["reason"]
     mode = ctx.cfg.verify.diagnose
     if first and not io["state"] and (mode == "always" or mode == "on_failure" and not report["passed"]):
         from .support.diagnose import describe
@@ -96,14 +103,18 @@ def run(ctx: StageContext) -> dict:
         report["test_cases"] = _write_cases(ctx, lower, io, cases)
     (ctx.workdir / "verify.json").write_text(json.dumps(report, indent=1))
     outputs = report["outputs"].values()
-    acc, stream = report.get("accuracy"), report.get("stream")
+    acc, stream, generated = report.get("accuracy"), report.get("stream"), report.get("generation")
     report["summary"] = (("PASS" if report["passed"] else "FAIL")
                          + f" max_abs={max(o['max_abs'] for o in outputs):.2e}"
                          f" cos={min(o['cosine'] for o in outputs):.6f}"
                          + (f" acc {acc['eager']:.2%}->{acc['artifact']:.2%}" if acc else "")
                          + (f" | {stream['chunks']} chunks streamed: worst {stream['max_abs']:.2e},"
                             f" stateless would be {stream['stateless_baseline']['max_abs']:.2e}"
-                            if stream else ""))
+                            if stream else "")
+                         + (f" | generation: {generated['token_match']:.1%} of {generated['prompts']}x"
+                            f"{generated['steps']} greedy tokens match"
+                            + (f", first divergence at step {generated['first_divergence']}"
+                               if generated["first_divergence"] is not None else "") if generated else ""))
     return report
 
 

@@ -183,3 +183,38 @@ class MaskedNet(TinyNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.floor(x).clamp(min=-4.0))
+
+
+class Recurrence(nn.Module):
+    """The state a decoder carries between calls (a KV cache's stand-in), updated in place."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("h", torch.zeros(1, width))
+        self.mix = nn.Linear(2 * width, width)
+
+    def forward(self, embedded: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(torch.cat([embedded, self.h], dim=-1)))
+        self.h.copy_(h)
+        return h
+
+
+class TinyDecoder(nn.Module):
+    """One token id a call -> logits over the vocabulary; greedy decoding feeds the argmax back."""
+
+    def __init__(self, vocab: int = 32, width: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.step = Recurrence(width)
+        self.head = nn.Linear(width, vocab)
+        with torch.no_grad():
+            self.head.weight *= 6  # logits well apart: float rounding never picks another token
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.head(self.step(self.embed(token)[:, 0]))
+
+
+def write_decoder_checkpoint(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.save(TinyDecoder().state_dict(), path)
+    return path

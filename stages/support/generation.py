@@ -1,0 +1,103 @@
+"""Generation: a decoder step run as an app runs it, and judged by the tokens it chooses.
+
+Each held-out prompt is fed one token a call, then the step's own greedy choice (the argmax of
+its logits) is fed back for `steps` calls, its state (KV cache, recurrent state) carried from
+call to call: through eager PyTorch and through the artifact's runtime, each from a fresh state.
+What is compared is what the app shows: the token sequences (how many match, the step where
+they first part), and the logits' error up to that step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from pipelines.errors import PipelineError
+
+from .fidelity import compare
+from .streaming import Step, initial_state
+from .tensors import NUMPY_DTYPES, integer_range
+
+
+def check_inputs(cfg, io: Mapping[str, Any]) -> None:
+    """Every input of the step is the token, the position or a state the step returns."""
+    names = {spec["name"] for spec in io["inputs"]}
+    carried = {s["input"] for s in io["state"]}
+    for key in ("token", "position"):
+        if cfg[key] is not None and cfg[key] not in names:
+            raise PipelineError(f"part.generate.{key}={cfg[key]!r} is not an input of the part "
+                                f"({', '.join(sorted(names))})", fix="name one of its inputs", stage="verify")
+    if cfg.logits not in io["outputs"]:
+        raise PipelineError(f"part.generate.logits={cfg.logits!r} is not an output of the part "
+                            f"({', '.join(io['outputs'])})", fix="name the output that holds the logits",
+                            stage="verify")
+    other = names - carried - {cfg.token, cfg.position}
+    if other:
+        raise PipelineError(f"part.generate: input {', '.join(sorted(other))} is neither the token, the "
+                            f"position nor a state the step returns", stage="verify",
+                            fix="declare it as state (part.state: {input: output}) or as generate.position")
+
+
+def prompts(cfg, io: Mapping[str, Any]) -> list[list[int]]:
+    """`cfg.prompts` seeded prompts of `cfg.prompt_length` token ids in the token input's [low, high)."""
+    spec = next(s for s in io["inputs"] if s["name"] == cfg.token)
+    rng = np.random.default_rng(cfg.seed)
+    low, high = integer_range(spec)
+    return [rng.integers(low, high, size=cfg.prompt_length).tolist() for _ in range(cfg.prompts)]
+
+
+def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """The `cfg.steps` tokens the step chooses after the prompt, and the logits it chose them from."""
+    specs = {s["name"]: s for s in io["inputs"]}
+    token_spec = specs[cfg.token]
+    state, tokens, logits = initial_state(io), [], []
+    fed = list(prompt)
+    for position in range(len(prompt) + cfg.steps - 1):
+        feed = {**state, cfg.token: np.full(token_spec["shape"], fed[position], NUMPY_DTYPES[token_spec["dtype"]])}
+        if cfg.position is not None:
+            spec = specs[cfg.position]
+            feed[cfg.position] = np.full(spec["shape"], position, NUMPY_DTYPES[spec["dtype"]])
+        outputs = dict(zip(io["outputs"], step(feed)))
+        state = {s["input"]: outputs[s["output"]] for s in io["state"]}
+        if position >= len(prompt) - 1:  # the prompt's last token on: each call chooses the next
+            scores = outputs[cfg.logits].reshape(-1, outputs[cfg.logits].shape[-1])[-1]
+            logits.append(scores)
+            tokens.append(int(np.argmax(scores)))
+            fed.append(tokens[-1])
+    return tokens, logits
+
+
+def verify_generation(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], reset: Callable[[], None],
+                      artifact: Callable[[], Step], io: Mapping[str, Any]) -> dict[str, Any]:
+    """Greedy generation from each prompt through eager and through a freshly loaded artifact
+    (`artifact()`: its runtime's state starts anew), compared token by token. Tokens must match
+    at the precision's `min_top1_agreement` (every one where it sets none)."""
+    check_inputs(cfg, eager_io)
+    results = []
+    for prompt in prompts(cfg, eager_io):
+        reset()
+        expected, expected_logits = greedy(eager, eager_io, cfg, prompt)
+        actual, actual_logits = greedy(artifact(), io, cfg, prompt)
+        differ = [k for k, (e, a) in enumerate(zip(expected, actual)) if e != a]
+        first = differ[0] if differ else None
+        until = expected_logits[: first if first is not None else None] or expected_logits[:1]
+        results.append({
+            "prompt": prompt, "eager": expected, "artifact": actual, "first_divergence": first,
+            "token_match": 1 - len(differ) / len(expected),
+            "max_rel_until_divergence": max(compare(e, a)["max_rel"] for e, a in
+                                            zip(until, actual_logits[: len(until)])),
+        })
+    match = float(np.mean([r["token_match"] for r in results]))
+    wanted = tolerance.min_top1_agreement if tolerance.min_top1_agreement is not None else 1.0
+    diverged = [(k, r) for k, r in enumerate(results) if r["first_divergence"] is not None]
+    reason = ""
+    if match < wanted:
+        k, worst = min(diverged, key=lambda kr: kr[1]["first_divergence"])
+        reason = (f"greedy generation: {match:.1%} of the tokens match eager's < {wanted:.0%}; prompt {k} "
+                  f"diverges at step {worst['first_divergence']} of {cfg.steps} (token {worst['artifact'][worst['first_divergence']]} "
+                  f"for eager's {worst['eager'][worst['first_divergence']]}; logits {worst['max_rel_until_divergence']:.2e} "
+                  f"of their largest value off eager until then)")
+    return {"prompts": len(results), "steps": cfg.steps, "token_match": match,
+            "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
+            "max_rel_until_divergence": max(r["max_rel_until_divergence"] for r in results),
+            "per_prompt": results, "passed": not reason, "reason": reason}

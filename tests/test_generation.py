@@ -1,0 +1,73 @@
+"""A decoder step verified by what it generates: greedy tokens through the artifact's runtime
+against eager's, the first divergence and the logits' error until then."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.errors import PipelineError
+from stages.support.generation import verify_generation
+
+VOCAB = 8
+IO = {"inputs": [{"name": "token", "shape": [1, 1], "dtype": "int64", "low": 0, "high": VOCAB}],
+      "outputs": ["logits"], "state": [], "internal_state": []}
+CFG = OmegaConf.create({"token": "token", "logits": "logits", "position": None, "steps": 10, "prompts": 2,
+                        "prompt_length": 3, "seed": 0})
+
+
+def counting(flip_at: int | None = None):
+    """A step whose next token is (token + 1) mod VOCAB; from call `flip_at` on it prefers +2."""
+    calls = {"n": 0}
+
+    def step(feed):
+        calls["n"] += 1
+        token = int(feed["token"].ravel()[0])
+        logits = np.zeros((1, VOCAB), np.float32)
+        shift = 2 if flip_at is not None and calls["n"] > flip_at else 1
+        logits[0, (token + shift) % VOCAB] = 5.0
+        logits[0, (token + 3 - shift) % VOCAB] = 4.9
+        return [logits]
+
+    return step
+
+
+def tolerance(agreement):
+    return OmegaConf.create({"min_top1_agreement": agreement})
+
+
+def test_identical_generation_passes_and_says_so():
+    report = verify_generation(CFG, tolerance(None), counting(), IO, lambda: None, counting, IO)
+    assert report["passed"] and report["token_match"] == 1.0 and report["first_divergence"] is None
+    assert report["per_prompt"][0]["eager"][:3] == [(report["per_prompt"][0]["prompt"][-1] + k) % VOCAB
+                                                     for k in (1, 2, 3)]
+
+
+def test_a_changed_token_fails_naming_the_step_where_generation_parted():
+    flipped = lambda: counting(flip_at=2 + 5)  # noqa: E731  prompt's 3 calls, then 5 good tokens
+    report = verify_generation(CFG, tolerance(None), counting(), IO, lambda: None, flipped, IO)
+    assert not report["passed"] and report["first_divergence"] == 5
+    assert "prompt 0 diverges at step 5 of 10" in report["reason"]
+    assert "of the tokens match eager's < 100%" in report["reason"]
+    loose = verify_generation(CFG, tolerance(0.4), counting(), IO, lambda: None, flipped, IO)
+    assert loose["passed"]  # a stated match rate (the precision's min_top1_agreement)
+
+
+def test_an_input_that_is_not_token_position_or_state_is_refused():
+    io = {**IO, "inputs": [*IO["inputs"], {"name": "mask", "shape": [1, 1], "dtype": "int64"}]}
+    with pytest.raises(PipelineError, match="input mask is neither the token, the position nor a state"):
+        verify_generation(CFG, tolerance(None), counting(), io, lambda: None, counting, io)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_path, fmt):
+    from tests.tiny import write_decoder_checkpoint
+
+    run = run_tiny(f"format={fmt}", "calibration=synthetic", model="tiny_decoder",
+                   checkpoint=write_decoder_checkpoint(tmp_path / "decoder.pt"))
+    assert run.status == "pass", run.error
+    generated = run.result("verify")["generation"]
+    assert generated["prompts"] == 3 and generated["steps"] == 12
+    assert generated["token_match"] == 1.0 and generated["first_divergence"] is None
+    assert len(set(tuple(p["eager"]) for p in generated["per_prompt"])) > 1  # prompts lead apart
+    assert "generation: 100.0% of 3x12 greedy tokens match" in run.result("verify")["summary"]
