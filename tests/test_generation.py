@@ -71,3 +71,5 @@ def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_p
     assert generated["token_match"] == 1.0 and generated["first_divergence"] is None
     assert len(set(tuple(p["eager"]) for p in generated["per_prompt"])) > 1  # prompts lead apart
     assert "generation: 100.0% of 3x12 greedy tokens match" in run.result("verify")["summary"]
+    assert generated["state_bytes"] == 32 * 4  # the recurrent state, (1, 32) float32
+    assert generated["decode_tokens_per_s"] > 0 and generated["prefill_tokens_per_s"] > 0

@@ -8,6 +8,7 @@ they first part), and the logits' error up to that step.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -46,8 +47,10 @@ def prompts(cfg, io: Mapping[str, Any]) -> list[list[int]]:
     return [rng.integers(low, high, size=cfg.prompt_length).tolist() for _ in range(cfg.prompts)]
 
 
-def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
-    """The `cfg.steps` tokens the step chooses after the prompt, and the logits it chose them from."""
+def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int],
+           seconds: list[float] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """The `cfg.steps` tokens the step chooses after the prompt, and the logits it chose them
+    from; `seconds` gets each call's wall time."""
     specs = {s["name"]: s for s in io["inputs"]}
     token_spec = specs[cfg.token]
     state, tokens, logits = initial_state(io), [], []
@@ -57,7 +60,10 @@ def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int]) -> tuple[l
         if cfg.position is not None:
             spec = specs[cfg.position]
             feed[cfg.position] = np.full(spec["shape"], position, NUMPY_DTYPES[spec["dtype"]])
+        started = time.perf_counter()
         outputs = dict(zip(io["outputs"], step(feed)))
+        if seconds is not None:
+            seconds.append(time.perf_counter() - started)
         state = {s["input"]: outputs[s["output"]] for s in io["state"]}
         if position >= len(prompt) - 1:  # the prompt's last token on: each call chooses the next
             scores = outputs[cfg.logits].reshape(-1, outputs[cfg.logits].shape[-1])[-1]
@@ -68,16 +74,20 @@ def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int]) -> tuple[l
 
 
 def verify_generation(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], reset: Callable[[], None],
-                      artifact: Callable[[], Step], io: Mapping[str, Any]) -> dict[str, Any]:
+                      artifact: Callable[[], Step], io: Mapping[str, Any], carried: int = 0) -> dict[str, Any]:
     """Greedy generation from each prompt through eager and through a freshly loaded artifact
     (`artifact()`: its runtime's state starts anew), compared token by token. Tokens must match
-    at the precision's `min_top1_agreement` (every one where it sets none)."""
+    at the precision's `min_top1_agreement` (every one where it sets none). `carried`: the bytes
+    of state (KV cache) carried between calls, for the report."""
     check_inputs(cfg, eager_io)
-    results = []
+    results, prefill, decode = [], [], []
     for prompt in prompts(cfg, eager_io):
         reset()
         expected, expected_logits = greedy(eager, eager_io, cfg, prompt)
-        actual, actual_logits = greedy(artifact(), io, cfg, prompt)
+        calls: list[float] = []
+        actual, actual_logits = greedy(artifact(), io, cfg, prompt, calls)
+        prefill += calls[: len(prompt) - 1]  # the prompt's calls before the last, which chooses
+        decode += calls[len(prompt) - 1:]
         differ = [k for k, (e, a) in enumerate(zip(expected, actual)) if e != a]
         first = differ[0] if differ else None
         until = expected_logits[: first if first is not None else None] or expected_logits[:1]
@@ -98,6 +108,19 @@ def verify_generation(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], 
                   f"for eager's {worst['eager'][worst['first_divergence']]}; logits {worst['max_rel_until_divergence']:.2e} "
                   f"of their largest value off eager until then)")
     return {"prompts": len(results), "steps": cfg.steps, "token_match": match,
+            # one token a call, timed in this verification (make bench times the artifact properly)
+            "prefill_tokens_per_s": len(prefill) / sum(prefill) if prefill and sum(prefill) else None,
+            "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) else None,
+            "state_bytes": carried,
             "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
             "max_rel_until_divergence": max(r["max_rel_until_divergence"] for r in results),
             "per_prompt": results, "passed": not reason, "reason": reason}
+
+
+
+def state_bytes(io: Mapping[str, Any], buffers: Mapping[str, Any]) -> int:
+    """Bytes of the state carried between calls (a KV cache): the state inputs the part declares
+    and the buffers its module updates (kept inside a .pte, I/O of an .onnx)."""
+    declared = sum(int(np.prod(s["shape"])) * np.dtype(NUMPY_DTYPES[s["dtype"]]).itemsize for s in io["state"]
+                   if "shape" in s)
+    return declared + sum(b.numel() * b.element_size() for b in buffers.values())
