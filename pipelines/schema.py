@@ -163,6 +163,7 @@ class GenerateConfig:
     prompts: int = 4  # held-out prompts: seeded token ids in the token input's [low, high)
     prompt_length: int = 4
     seed: int = 0
+    prompt_data: Optional[Dict[str, Any]] = None  # {_target_: fn} -> prompts (lists of token ids), instead
 
 
 @dataclass

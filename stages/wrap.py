@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> dict:
         _write_io(ctx.workdir / STATE_IO, {
             "inputs": plain + state_specs, "outputs": io["outputs"] + [s["output"] for s in state],
             "state": io["state"] + state, "internal_state": []})
-    params = sum(t.numel() for t in used_tensors(program) if t.is_floating_point())
+    params = sum(t.numel() for t in used_tensors(program, leave_out=set(buffers)) if t.is_floating_point())
     (ctx.workdir / "modules.json").write_text(json.dumps(_modules(module), indent=1))
     stateful = f", state updated in forward: {len(buffers)} buffers" if buffers else ""
     return {"parameters": params, "io": io,

@@ -79,7 +79,7 @@ def int8(job: Job) -> str:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
-    from .onnx_ranges import save_minmax_ranges
+    from .onnx_ranges import save_minmax_ranges, unbounded
 
     source, target = job.source / GRAPH, job.workdir / GRAPH
     feeds = calibration_batches(job, size=1)  # the same ranges, a batch's worth of memory less
@@ -93,6 +93,7 @@ def int8(job: Job) -> str:
     if method == "MinMax":  # ORT's ranges without ORT's calibrator's memory (onnx_ranges.py)
         ranges, reader = target.parent / RANGES, None
         save_minmax_ranges(prepared, feeds, ranges)
+        infinite = unbounded(ranges)
         release()
     else:  # histograms: ORT's calibrator, which holds the model and every output (README: Memory)
         class Reader(CalibrationDataReader):
@@ -102,10 +103,11 @@ def int8(job: Job) -> str:
             def get_next(self):
                 return next(self.batches, None)
 
-        ranges, reader = None, Reader(feeds)
+        ranges, reader, infinite = None, Reader(feeds), []
     bits = int8_weight_bits(job.target.isa)
+    unscaled = _nodes_touching(prepared, infinite)
     quantize_static(str(prepared), str(target), reader, calibration_cache_path=ranges,
-                    nodes_to_exclude=_float_nodes(prepared, job),
+                    nodes_to_exclude=_float_nodes(prepared, job) + unscaled,
                     quant_format=QuantFormat.QDQ, per_channel=job.quantize.per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method), **bits,
@@ -116,7 +118,20 @@ def int8(job: Job) -> str:
     _remove(prepared)
     return (f"ORT static QDQ int8, {method} calibration"
             + (", per-channel weights" if job.quantize.per_channel else "")
+            + (f", {len(unscaled)} nodes float around {len(infinite)} tensors with an infinite range "
+               f"(-inf masks)" if unscaled else "")
             + (", 7-bit weights (x86 without VNNI)" if bits["reduce_range"] else ""))
+
+
+def _nodes_touching(model_path: Path, tensors: list[str]) -> list[str]:
+    """The nodes that write or read any of the tensors."""
+    import onnx
+
+    if not tensors:
+        return []
+    wanted = set(tensors)
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in model.graph.node if wanted & {*n.input, *n.output}]
 
 
 RANGES = "calibration_ranges.json"  # the activation ranges the quantizer used (ORT's cache format)

@@ -56,6 +56,15 @@ def save_minmax_ranges(prepared: Path, feeds: Iterable[dict[str, np.ndarray]], p
     return len(tensors)
 
 
+def unbounded(path: Path) -> list[str]:
+    """The calibrated tensors whose range is not finite (attention scores masked with -inf): an
+    int8 scale for them is infinite and every value it quantizes garbage, so they stay float."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return sorted(name for name, data in load_tensors_data(path).items()
+                  if not np.isfinite(np.asarray(data.range_value, dtype=np.float64)).all())
+
+
 def calibrated_tensors(model) -> list[str]:
     """The float, non-initializer inputs and outputs of the nodes whose op types ORT quantizes
     (CalibraterBase.select_tensors_to_calibrate with quantize_static's op types)."""

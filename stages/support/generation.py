@@ -40,7 +40,16 @@ def check_inputs(cfg, io: Mapping[str, Any]) -> None:
 
 
 def prompts(cfg, io: Mapping[str, Any]) -> list[list[int]]:
-    """`cfg.prompts` seeded prompts of `cfg.prompt_length` token ids in the token input's [low, high)."""
+    """The part's held-out prompts (`prompt_data`), else `cfg.prompts` seeded prompts of
+    `cfg.prompt_length` token ids in the token input's [low, high)."""
+    if cfg.get("prompt_data") is not None:
+        from hydra.utils import instantiate
+
+        given = [list(map(int, prompt)) for prompt in instantiate(cfg.prompt_data)]
+        if not given or not all(given):
+            raise PipelineError(f"part.generate.prompt_data ({cfg.prompt_data['_target_']}) gave no prompts",
+                                fix="return a list of prompts, each a non-empty list of token ids", stage="verify")
+        return given
     spec = next(s for s in io["inputs"] if s["name"] == cfg.token)
     rng = np.random.default_rng(cfg.seed)
     low, high = integer_range(spec)

@@ -144,16 +144,33 @@ def _program_module(path: Path, part: Mapping[str, Any]) -> nn.Module:
     return torch.export.load(path).module()
 
 
-def used_tensors(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+def used_tensors(program: torch.export.ExportedProgram, leave_out: set[str] = frozenset()) -> list[torch.Tensor]:
     """The weights, buffers and constants the program's graph uses (a part exported from a bigger
-    model also holds the ones it does not use; they are not shipped)."""
+    model also holds the ones it does not use; they are not shipped), but those `leave_out` names."""
     signature = program.graph_signature
     names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
              **signature.inputs_to_lifted_tensor_constants}
     tensors = {**program.state_dict, **program.constants}
     return [tensors[names[node.name]] for node in program.graph.nodes
             if node.op == "placeholder" and node.users and node.name in names
-            and isinstance(tensors.get(names[node.name]), torch.Tensor)]
+            and names[node.name] not in leave_out and isinstance(tensors.get(names[node.name]), torch.Tensor)]
+
+
+def written_buffers(program: torch.export.ExportedProgram) -> set[str]:
+    """The buffers the program's graph writes (a KV cache, a stream's state), by name: read from
+    the in-place ops on them, as the training IR keeps them (its signature lists a mutation only
+    after run_decompositions, which costs the whole program once more)."""
+    names = program.graph_signature.inputs_to_buffers
+    found = set(program.graph_signature.buffers_to_mutate.values())
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            written = schema.arguments[0].alias_info if schema and schema.arguments else None
+            if user.args and user.args[0] is node and written is not None and written.is_write:
+                found.add(names[node.name])
+    return found
 
 
 def example_inputs(specs: list[Mapping[str, Any]], seed: int = 0,
