@@ -73,3 +73,42 @@ def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_p
     assert "generation: 100.0% of 3x12 greedy tokens match" in run.result("verify")["summary"]
     assert generated["state_bytes"] == 32 * 4  # the recurrent state, (1, 32) float32
     assert generated["decode_tokens_per_s"] > 0 and generated["prefill_tokens_per_s"] > 0
+
+
+def test_a_kv_cache_written_in_place_is_state_not_weights():
+    """The training IR keeps a cache write as an in-place op (its signature lists no mutation):
+    the buffers it writes are found there, and the size audit leaves them out of the weights."""
+    import torch
+
+    from models.generator import Generator
+    from stages.support.model_builder import used_tensors, written_buffers
+
+    model = Generator(width=16, heads=2, layers=1, max_len=8).eval()
+    program = torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)))
+    assert written_buffers(program) == {"blocks.0.k_cache", "blocks.0.v_cache"}
+    weights = sum(t.numel() for t in used_tensors(program, leave_out=written_buffers(program)))
+    assert weights == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_the_zoo_generator_generates_eagers_tokens_in_every_cell(tmp_path):
+    """fp32/fp16/int8/int4 x ONNX/PTE: every cell passes, its tokens matching eager's at the
+    precision's min_top1_agreement; at fp32 and fp16 every greedy token is eager's."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import NATIVE_ONLY, ROOT
+    from tests.test_zoo_pipeline import zoo_config
+
+    zoo_config("generator")
+    result = subprocess.run([sys.executable, "run.py", "-m", "model=generator", "precision=fp32,fp16,int8,int4",
+                             "format=onnx,pte", NATIVE_ONLY, f"cache.dir={tmp_path}/cache",
+                             f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for cell in sorted((tmp_path / "sweep").glob("generator_*")):
+        verify = json.loads((cell / "artifacts" / "decoder_step" / "verify.json").read_text())
+        assert verify["passed"], (cell.name, verify["reason"])
+        if "_fp32_" in cell.name or "_fp16_" in cell.name:
+            assert verify["generation"]["token_match"] == 1.0, cell.name

@@ -68,3 +68,47 @@ def test_quantized_graph_equals_quantize_static(tmp_path):
     quantize_static(str(prepared), str(tmp_path / "theirs.onnx"), Reader(_feeds()), quant_format=QuantFormat.QDQ)
     ours, theirs = (onnx.load(str(tmp_path / f"{n}.onnx")) for n in ("ours", "theirs"))
     assert ours.graph.SerializeToString() == theirs.graph.SerializeToString()
+
+
+class Masked(nn.Module):
+    """Attention-style scores masked with -inf before a softmax, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        scores = (x @ x.transpose(-1, -2)).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+        return self.head(torch.softmax(scores, -1) @ x)
+
+
+def test_a_tensor_masked_with_minus_infinity_is_named_unbounded_and_its_nodes_stay_float(tmp_path):
+    """Its calibrated range is infinite: an int8 scale for it is inf and every value garbage."""
+    from stages.formats.onnx_precisions import _nodes_touching
+    from stages.formats.onnx_ranges import unbounded
+
+    path = tmp_path / "masked.onnx"
+    torch.onnx.export(Masked().eval(), (torch.randn(1, 4, 4),), str(path), dynamo=True, input_names=["x"])
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    ranges = tmp_path / "ranges.json"
+    feeds = [{"x": np.random.default_rng(k).normal(size=(1, 4, 4)).astype(np.float32)} for k in range(4)]
+    save_minmax_ranges(path, feeds, ranges)
+    infinite = unbounded(ranges)
+    assert len(infinite) == 1
+    model = onnx.load(str(path))
+    writer = next(n for n in model.graph.node if infinite[0] in n.output)
+    assert writer.op_type == "Where"
+    touching = _nodes_touching(path, infinite)
+    assert writer.name in touching and any(n.op_type == "Softmax" and n.name in touching for n in model.graph.node)
+    import onnxruntime as ort
+
+    def run(graph: Path) -> np.ndarray:
+        return ort.InferenceSession(str(graph)).run(None, {"x": feeds[0]["x"]})[0].ravel()
+
+    for name, excluded in (("naive", []), ("guarded", touching)):
+        quantize_static(str(path), str(tmp_path / f"{name}.onnx"), None, calibration_cache_path=ranges,
+                        quant_format=QuantFormat.QDQ, nodes_to_exclude=excluded)
+    fp32, naive, guarded = run(path), run(tmp_path / "naive.onnx"), run(tmp_path / "guarded.onnx")
+    cosine = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    assert not np.isfinite(naive).all() or cosine(naive, fp32) < 0.9  # what the -inf range does
+    assert cosine(guarded, fp32) > 0.99

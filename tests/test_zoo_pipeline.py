@@ -18,6 +18,7 @@ ZOO = {
     "kws_resnet": ((), None),
     "biosignal_cnn": ((), "strip leading 'model.' (Lightning)"),
     "conformer_rnnt": (("quantize.on_failure=fp32",), "strip '_orig_mod.' (torch.compile)"),
+    "generator": ((), None),
 }
 
 
