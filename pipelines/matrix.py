@@ -65,7 +65,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                                        *([acc["top1_agreement"]] if acc else [])], default=None),
                 "seconds": part.get("seconds"),
                 **_latency_columns(part.get("latency")), **_target_columns(part.get("target")),
-                "diagnosis": _diagnosis_line(verify),
+                "diagnosis": _diagnosis_line(verify), "generation": _generation_line(verify.get("generation")),
                 "artifact": part.get("artifact"), "job_dir": str(path.parent),
             })
     rows += _missing(sweep_dir, {(r["model"], r["precision"], r["format"]) for r in rows})
@@ -144,6 +144,19 @@ def _diagnosis_line(verify: dict[str, Any]) -> str | None:
             else diagnosis.get("note") or "no layer stands out: the error builds up across the model")
 
 
+def _generation_line(generated: dict[str, Any] | None) -> str | None:
+    """A decoder's greedy generation against eager's, its speed as verification timed it and the
+    state it carries."""
+    if not generated:
+        return None
+    rate = lambda key: "-" if generated.get(key) is None else f"{generated[key]:.0f}"  # noqa: E731
+    parted = generated.get("first_divergence")
+    return (f"generation: {generated['token_match']:.1%} of {generated['prompts']}x{generated['steps']} greedy tokens "
+            f"match eager's" + (f", first divergence at step {parted}" if parted is not None else "")
+            + f"; prefill {rate('prefill_tokens_per_s')} tok/s, decode {rate('decode_tokens_per_s')} tok/s; "
+            f"state carried {human_bytes(generated.get('state_bytes'))}")
+
+
 def cells(rows: list[dict[str, Any]]) -> list[list[str]]:
     def number(value, spec):
         return "-" if value is None else format(value, spec)
@@ -168,6 +181,7 @@ def notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(cell, text) for every failure, repair, warning and target check that did not pass."""
     return [(f"{r['model']}/{r['part']} {r['precision']} {r['format']}", text)
             for r in rows for text in ([r["error"]] if r["error"] else [])
+            + ([r["generation"]] if r.get("generation") else [])
             + [f"warning: {w}" for w in r["warnings"]]
             + ([f"time: {r['profile']['why']}"] if r.get("profile") else [])
             + ([f"target {r['target_status'].upper()}: {r['target_reason']}"]
