@@ -178,11 +178,11 @@ def test_a_failing_executorch_call_names_its_error_operator_and_module_and_mixed
     """A -1e9 mask constant has no fp16 value: ExecuTorch's scalar_tensor kernel refuses it at
     run time (0x12). The console says which error, operator and module; on_failure=mixed keeps
     that module in fp32 and the repaired program is verified before it is accepted."""
-    masked = ("format=pte", "precision=fp16", "model.arch._target_=tests.tiny.MaskedNet")
-    failed = run_tiny(*masked)
-    assert failed.status == "fail" and "[verify]" in failed.error
-    assert "ExecuTorch error 0x12 (InvalidArgument) in operator aten::scalar_tensor.out" in failed.error
-    assert "from module floor" in failed.error
-    repaired = run_tiny(*masked, "quantize.on_failure=mixed")
+    repaired = run_tiny("format=pte", "precision=fp16", "model.arch._target_=tests.tiny.MaskedNet",
+                        "quantize.on_failure=mixed")
+    failed = repaired.attempts[0]
+    assert failed["stage"] == "verify"
+    assert "ExecuTorch error 0x12 (InvalidArgument) in operator aten::scalar_tensor.out" in failed["reason"]
+    assert "from module floor" in failed["reason"]
     assert repaired.status == "mixed" and repaired.float_layers == ["floor"], repaired.error
     assert repaired.result("verify")["passed"]
