@@ -145,9 +145,12 @@ class ToleranceOverride:
 
 PRECISIONS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" / "precision").glob("*.yaml"))
 
-# A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`): one optional
-# field per precision conf/precision/ ships, so a misspelt one is refused at compose time
-PartTolerance = make_dataclass("PartTolerance", [(name, Optional[ToleranceOverride], None) for name in PRECISIONS])
+# A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`): one field per
+# precision conf/precision/ ships, so a misspelt one is refused at compose time; each present and
+# unset, so `model.parts.0.tolerance.int4.max_abs=0.1` on the command line sets one field (under a
+# None node OmegaConf's update asserts: a traceback, not an error)
+PartTolerance = make_dataclass("PartTolerance", [(name, ToleranceOverride, field(default_factory=ToleranceOverride))
+                                                 for name in PRECISIONS])
 
 
 @dataclass

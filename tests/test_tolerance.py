@@ -40,3 +40,10 @@ def test_verify_judges_with_the_parts_tolerance(run_tiny):
     run = run_tiny("model.parts.0.tolerance={fp32: {min_cosine: 1.5}}")
     assert run.status == "fail" and "[verify] output 'logits' cosine" in run.error
     assert "< 1.5" in run.error
+
+
+def test_one_field_of_a_part_tolerance_is_set_from_the_command_line():
+    from tests.conftest import compose_config
+
+    cfg = compose_config("model.parts.0.tolerance.int4.min_top1_agreement=0.5")
+    assert cfg.model.parts[0].tolerance.int4.min_top1_agreement == 0.5
