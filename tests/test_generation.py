@@ -76,17 +76,18 @@ def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_p
 
 
 def test_a_kv_cache_written_in_place_is_state_not_weights():
-    """The training IR keeps a cache write as an in-place op (its signature lists no mutation):
-    the buffers it writes are found there, and the size audit leaves them out of the weights."""
+    """The buffers a cache write updates are state, and the size audit leaves them out of the
+    weights."""
     import torch
 
     from models.generator import Generator
-    from stages.support.model_builder import used_tensors, written_buffers
+    from stages.support.model_builder import used_tensors
+    from stages.support.state_io import mutated_buffers
 
     model = Generator(width=16, heads=2, layers=1, max_len=8).eval()
     program = torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)))
-    assert written_buffers(program) == {"blocks.0.k_cache", "blocks.0.v_cache"}
-    weights = sum(t.numel() for t in used_tensors(program, leave_out=written_buffers(program)))
+    assert set(mutated_buffers(program)) == {"blocks.0.k_cache", "blocks.0.v_cache"}
+    weights = sum(t.numel() for t in used_tensors(program, leave_out=set(mutated_buffers(program))))
     assert weights == sum(p.numel() for p in model.parameters())
 
 

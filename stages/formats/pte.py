@@ -16,7 +16,8 @@ from pipelines.errors import PipelineError
 from pipelines.memory import release
 
 from ..support.export_errors import lowering_failure, traceback_frames
-from ..support.model_builder import used_tensors, written_buffers
+from ..support.model_builder import used_tensors
+from ..support.state_io import mutated_buffers
 from ..upstream.executorch import conv_backends_off, edge_compile_config, prelu_in_four_dims, xnnpack_partitioner
 from . import Job, link_or_copy, weight_summary
 from .fx_graph import module_outputs, module_paths, module_types, reexport, requantized, with_outputs, within
@@ -258,7 +259,8 @@ def _narrowed_dims(specs: list[dict[str, Any]], planned: list[list[int]]) -> lis
 def _program_stats(program: torch.export.ExportedProgram) -> dict[str, Any]:
     """Weights by dtype and quantize/dequantize op counts of the program being serialized."""
     by_dtype: Counter[str] = Counter()
-    for tensor in used_tensors(program, leave_out=written_buffers(program)):  # state (a KV cache) is no weight  # unused originals are not shipped
+    # unused originals are not shipped; the state a program writes (a KV cache) is no weight
+    for tensor in used_tensors(program, leave_out=set(mutated_buffers(program))):
         for dtype, size in _stored(tensor):
             by_dtype[dtype] += size
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")

@@ -142,14 +142,18 @@ def executorch_failure(message: str, again, artifact: str) -> CallFailed:
         explained += f" in operator {operator} (instruction {call.group(1)})"
         check = re.search(r"\[(op_\w+\.cpp:\d+)\] (Check failed[^\n]*)", text)
         explained += f": {check.group(1)} {check.group(2).strip().rstrip(':')}" if check else ""
-        modules = _operator_modules(artifact).get(operator.split("::")[-1].split(".")[0], [])
+        modules = lowered(artifact).get("operator_modules", {}).get(operator.split("::")[-1].split(".")[0], [])
         explained += f"; from module {', '.join(modules)}" if modules else ""
     return CallFailed(f"{explained} [{message}]", modules[0] if len(modules) == 1 else None)
 
 
-def _operator_modules(artifact: str) -> dict[str, list[str]]:
+def lowered(artifact: str) -> dict:
+    """What lowering recorded beside a .pte (program_stats.json), {} for a .pte from elsewhere."""
     stats = os.path.join(os.path.dirname(artifact), "program_stats.json")
-    return json.load(open(stats)).get("operator_modules", {}) if os.path.exists(stats) else {}
+    if not os.path.exists(stats):
+        return {}
+    with open(stats) as handle:
+        return json.load(handle)
 
 
 def load_kernel_libraries(artifact: str) -> list[str]:
@@ -157,8 +161,7 @@ def load_kernel_libraries(artifact: str) -> list[str]:
     in this process (program_stats.json beside it lists them; lowering writes it): ExecuTorch's
     quantized kernels (a 4-bit embedding table's quantized_decomposed::embedding_4bit), which an
     app links as quantized_ops_lib. Loading them imports torch: only when the program needs them."""
-    stats = os.path.join(os.path.dirname(artifact), "program_stats.json")
-    libraries = json.load(open(stats)).get("kernel_libraries", []) if os.path.exists(stats) else []
+    libraries = lowered(artifact).get("kernel_libraries", [])
     if "quantized" in libraries:
         import executorch.kernels.quantized  # noqa: F401  registers them with the runtime
     return libraries

@@ -126,7 +126,6 @@ def verify_generation(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], 
             "per_prompt": results, "passed": not reason, "reason": reason}
 
 
-
 def state_bytes(io: Mapping[str, Any], buffers: Mapping[str, Any]) -> int:
     """Bytes of the state carried between calls (a KV cache): the state inputs the part declares
     and the buffers its module updates (kept inside a .pte, I/O of an .onnx)."""

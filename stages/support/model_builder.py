@@ -156,23 +156,6 @@ def used_tensors(program: torch.export.ExportedProgram, leave_out: set[str] = fr
             and names[node.name] not in leave_out and isinstance(tensors.get(names[node.name]), torch.Tensor)]
 
 
-def written_buffers(program: torch.export.ExportedProgram) -> set[str]:
-    """The buffers the program's graph writes (a KV cache, a stream's state), by name: read from
-    the in-place ops on them, as the training IR keeps them (its signature lists a mutation only
-    after run_decompositions, which costs the whole program once more)."""
-    names = program.graph_signature.inputs_to_buffers
-    found = set(program.graph_signature.buffers_to_mutate.values())
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in names:
-            continue
-        for user in node.users:
-            schema = getattr(user.target, "_schema", None)
-            written = schema.arguments[0].alias_info if schema and schema.arguments else None
-            if user.args and user.args[0] is node and written is not None and written.is_write:
-                found.add(names[node.name])
-    return found
-
-
 def example_inputs(specs: list[Mapping[str, Any]], seed: int = 0,
                    exact: bool = False) -> tuple[torch.Tensor, ...]:
     """Seeded tensors of the export example shapes (of the specs' own shapes when exact)."""
