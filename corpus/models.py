@@ -80,31 +80,6 @@ def static_encodec_padding(net: nn.Module) -> None:
                                                                total=total)
 
 
-def import_vision() -> None:
-    """Import torchvision (and so timm) beside the CPU torch.
-
-    PyPI's torchvision 0.28.0 is a CUDA build: its _C.so needs libc10_cuda.so, which the CPU torch
-    lacks, so its C++ operators are absent (extension.py's `_load_library` fails quietly). It then
-    registers fake kernels for torchvision::nms and ::qnms without asking whether they exist
-    (torchvision/_meta_registrations.py:163 and 177, unguarded, unlike the `register_meta` ones
-    above them), and `import torchvision` raises "operator torchvision::nms does not exist".
-    Their schemas are defined here first. The models are pure Python and need none of the C++
-    operators; exported parts stop before non-maximum suppression, which an app runs."""
-    import importlib.util
-
-    if "torchvision" in __import__("sys").modules or importlib.util.find_spec("torchvision") is None:
-        return
-    if not hasattr(torch.ops.torchvision, "nms"):
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _KEEP.append(library)
-    import torchvision  # noqa: F401
-
-
-_KEEP: list = []  # the schema library lives as long as the process
-
-
 class VisionModel(nn.Module):
     """A torchvision or timm architecture from its builder and arguments, random init, no weights
     fetched (`weights=None` for torchvision, `pretrained=False` for timm). forward returns the
@@ -112,7 +87,6 @@ class VisionModel(nn.Module):
 
     def __init__(self, builder: str, kwargs: Mapping[str, Any] | None = None, outputs: Sequence[str] = ()):
         super().__init__()
-        import_vision()
         kwargs = dict(_plain(kwargs) or {})
         if builder.startswith("timm."):
             import timm
@@ -134,7 +108,6 @@ class DetectorHeads(nn.Module):
 
     def __init__(self, builder: str, kwargs: Mapping[str, Any] | None = None):
         super().__init__()
-        import_vision()
         self.net = _dotted(builder)(weights=None, weights_backbone=None, **dict(_plain(kwargs) or {}))
 
     def forward(self, images: torch.Tensor):
@@ -148,7 +121,9 @@ def detector_boxes(outputs: Mapping[str, np.ndarray], builder: str, kwargs: Mapp
     """The app's decode step of DetectorHeads: each anchor's box (x1, y1, x2, y2) in pixels from
     its regression (the detector's own anchor generator and box coder) and its best class score
     (softmax for SSD, sigmoid for the others), per image: {"boxes": (N, A, 4), "scores": (N, A)}."""
-    import_vision()
+    from stages.upstream.torchvision import importable
+
+    importable()
     net = _detector(builder, tuple(sorted(_plain(kwargs).items())))
     regression, logits = torch.as_tensor(outputs["box_regression"]), torch.as_tensor(outputs["class_logits"])
     height, width = image
@@ -205,8 +180,9 @@ class LayerNormMLP(nn.Module):
 def make_checkpoint(path: str | Path) -> None:
     """Write the seeded random weights of the corpus entry named by the file's stem
     (checkpoints/corpus/bert.pt -> corpus/conf/model/bert.yaml): deterministic bytes."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from stages.support.model_builder import build_model
 
     name = Path(path).stem
     entry = ENTRIES / f"{name}.yaml"
@@ -214,7 +190,7 @@ def make_checkpoint(path: str | Path) -> None:
         raise FileNotFoundError(f"no corpus entry {entry} for checkpoint {path}")
     config = OmegaConf.load(entry)
     torch.manual_seed(SEED)
-    model = instantiate(config.arch)
+    model = build_model(config, None)
     _settle_batchnorm(model, config.parts[0].inputs)
     save_atomic({"model_state_dict": model.state_dict(), "corpus_entry": name, "seed": SEED}, path)
 

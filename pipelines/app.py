@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import logs, report
-from .errors import PipelineError
+from .errors import PipelineError, root_cause
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -68,8 +68,15 @@ def ensure_checkpoint(model: dict[str, Any], overrides: list[str], cache_dir: Pa
         maker = model["make_checkpoint"]
         maker = maker if isinstance(maker, dict) else {"_target_": maker}
         log.info("making the checkpoint %s with %s", path, maker["_target_"])
-        with logs.libraries_to_log():
-            get_method(maker["_target_"])(path, **{k: v for k, v in maker.items() if k != "_target_"})
+        try:
+            with logs.libraries_to_log():
+                get_method(maker["_target_"])(path, **{k: v for k, v in maker.items() if k != "_target_"})
+        except PipelineError:
+            raise
+        except Exception as exc:  # the maker's own error (an architecture that does not build)
+            raise PipelineError(f"model.make_checkpoint: {maker['_target_']} could not make {path}: "
+                                f"{root_cause(exc)}", stage="load_checkpoint",
+                                fix="fix the model entry's arch (or give model.checkpoint= a file)") from exc
 
 
 def _write(path: Path, value: dict[str, Any]) -> None:

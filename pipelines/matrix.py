@@ -198,7 +198,8 @@ def write(rows: list[dict[str, Any]], sweep_dir: Path, cache_dir: str | None = N
     flat = [{**{k: v for k, v in r.items() if k != "devices"}, "profile": (r.get("profile") or {}).get("why"),
              **{f"device:{name}": device_cell(r["devices"].get(name)) for name in devices}} for r in rows]
     with open(sweep_dir / "matrix.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(flat[0]))
+        # every row's columns: a cell with no report has fewer than one that ran
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in flat for k in row)))
         writer.writeheader()
         writer.writerows(flat)
     head = columns(rows)

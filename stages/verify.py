@@ -80,14 +80,15 @@ def run(ctx: StageContext) -> dict:
                                          _resetter(eager, eager_io), artifact, io, ctx.workdir / STREAM)
         report.setdefault("outputs", report["stream"]["outputs"])
     if ctx.cfg.part.generate is not None:
-        from .support.generation import state_bytes, verify_generation
+        from .support.generation import GENERATION, state_bytes, verify_generation
 
         inside = eager_io["internal_state"] and not io["state"]  # a .pte's buffers: reload to reset
         report["generation"] = verify_generation(
             ctx.cfg.part.generate, tolerance, step, eager_io, _resetter(eager, eager_io),
             (lambda: fmt.load(lower.dir / lower.result["artifact"], io, as_written=as_written)) if inside
             else (lambda: artifact), io,
-            state_bytes(eager_io, {name: eager.get_buffer(name) for name in eager_io["internal_state"]}))
+            state_bytes(eager_io, {name: eager.get_buffer(name) for name in eager_io["internal_state"]}),
+            ctx.workdir / GENERATION)
     report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
     for kind in ("stream", "generation"):
         if report["passed"] and kind in report:

@@ -66,6 +66,20 @@ def test_a_checkpoint_needing_pickle_is_refused_until_allowed(tmp_path, run_tiny
     assert run_tiny("model.allow_pickle=true", checkpoint=path).status == "pass"
 
 
+def test_a_checkpoint_maker_that_fails_is_named_and_leaves_no_file(tmp_path):
+    """A shipped entry's make_checkpoint that raises (an architecture that does not build) is the
+    job's failure, named, written to its report: not a Hydra traceback that leaves no report."""
+    from pipelines.app import ensure_checkpoint
+    from pipelines.errors import PipelineError
+
+    path = tmp_path / "made.pt"
+    with pytest.raises(PipelineError, match=r"model.make_checkpoint: math.sqrt could not make \S*made.pt: "
+                                            r"TypeError") as failure:
+        ensure_checkpoint({"checkpoint": str(path), "make_checkpoint": "math.sqrt"}, [], tmp_path / "cache",
+                          logging.getLogger("test"))
+    assert failure.value.stage == "load_checkpoint" and not path.exists()
+
+
 def test_an_unknown_model_names_the_options(tmp_path):
     code, text = cli("model=tiny_nett", tmp_path=tmp_path)
     assert code == 1 and "Traceback" not in text

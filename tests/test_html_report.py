@@ -128,21 +128,33 @@ def test_matrix_html_in_chromium_shows_every_cell_and_why(tmp_path):
 
 def test_a_cell_whose_job_died_is_listed_not_dropped(tmp_path):
     """A native crash ends a joblib sweep: the matrix (python -m pipelines.matrix <dir>) still
-    lists every cell the sweep asked for, those without a report as failed, with where to look."""
+    lists every cell the sweep asked for, those without a report as failed, with where to look;
+    its .csv holds every row's columns though the first row (the dead cell) has fewer."""
+    import csv
+
     import yaml
 
-    from pipelines.matrix import collect
+    from pipelines.matrix import collect, write
 
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({
         "model": {"name": "digits_cnn"},
         "hydra": {"sweeper": {"params": {"precision": "fp32,int8", "format": "onnx"}},
                   "overrides": {"task": ["recipe=matrix"]}}}))
-    job = tmp_path / "digits_cnn_fp32_onnx"
+    job = tmp_path / "digits_cnn_int8_onnx"
     job.mkdir()
-    (job / "report.json").write_text(json.dumps({"model": "digits_cnn", "precision": "fp32", "format": "onnx",
+    (job / "report.json").write_text(json.dumps({"model": "digits_cnn", "precision": "int8", "format": "onnx",
                                                  "parts": [{"part": "classifier", "status": "pass"}]}))
     rows = {(r["precision"], r["format"]): r for r in collect(tmp_path)}
     assert set(rows) == {("fp32", "onnx"), ("int8", "onnx")}
-    died = rows["int8", "onnx"]
+    died = rows["fp32", "onnx"]
     assert died["status"] == "fail" and "no report: the job died or never ran" in died["error"]
-    assert "digits_cnn_int8_onnx/run.log" in died["error"]
+    assert "digits_cnn_fp32_onnx/run.log" in died["error"]
+    # the first cell of a sweep died (its model did not build): the csv still has every column
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "digits_cnn"},
+        "hydra": {"sweeper": {"params": {"model": "a_net,digits_cnn", "precision": "int8", "format": "onnx"}},
+                  "overrides": {"task": ["recipe=matrix"]}}}))
+    write(collect(tmp_path), tmp_path)
+    with open(tmp_path / "matrix.csv", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert [r["model"] for r in written] == ["a_net", "digits_cnn"] and "generation" in written[0]

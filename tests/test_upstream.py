@@ -752,3 +752,32 @@ def test_four_bit_weights_on_an_exported_graph_are_quantized_and_match():
     x = torch.randn(2, 32)
     assert len(done.linear) == 1
     assert torch.nn.functional.cosine_similarity(graph(x).flatten(), model(x).flatten(), dim=0) > 0.99
+
+
+def _fresh_python(code: str):
+    import subprocess
+    import sys
+
+    from tests.test_corpus import ensure_corpus_deps
+
+    ensure_corpus_deps()  # torchvision and transformers, as pinned in requirements-corpus.txt
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_pinned_torchvision_does_not_import_beside_the_cpu_torch():
+    result = _fresh_python("import torchvision")
+    assert result.returncode != 0 and "operator torchvision::nms does not exist" in result.stderr
+
+
+def test_with_the_workaround_torchvision_and_every_transformers_model_import():
+    result = _fresh_python(
+        "from stages.upstream.torchvision import importable\n"
+        "importable()\n"
+        "import torchvision.models.detection, torch\n"
+        "from transformers import BertConfig, BertModel\n"
+        "net = torchvision.models.resnet18(weights=None).eval()\n"
+        "print(net(torch.zeros(1, 3, 32, 32)).shape[-1], type(BertModel(BertConfig(num_hidden_layers=1,"
+        " hidden_size=32, num_attention_heads=2, intermediate_size=64))).__name__)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1000", "BertModel"]

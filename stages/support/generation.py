@@ -9,6 +9,7 @@ they first part), and the logits' error up to that step.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -82,27 +83,57 @@ def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int],
     return tokens, logits
 
 
+GENERATION = "generation.npz"  # verify's prompts and eager's tokens and logits, for the devices
+
+
 def verify_generation(cfg, tolerance, eager: Step, eager_io: Mapping[str, Any], reset: Callable[[], None],
-                      artifact: Callable[[], Step], io: Mapping[str, Any], carried: int = 0) -> dict[str, Any]:
-    """Greedy generation from each prompt through eager and through a freshly loaded artifact
-    (`artifact()`: its runtime's state starts anew), compared token by token. Tokens must match
-    at the precision's `min_top1_agreement` (every one where it sets none). `carried`: the bytes
-    of state (KV cache) carried between calls, for the report."""
+                      artifact: Callable[[], Step], io: Mapping[str, Any], carried: int = 0,
+                      saved: Path | None = None) -> dict[str, Any]:
+    """Greedy generation from each prompt through eager (its buffers `reset()` first) and
+    through the artifact, judged by judge_generation. `saved`: where to keep the prompts and
+    eager's tokens and logits (load_generation reads them back for the target's devices)."""
     check_inputs(cfg, eager_io)
-    results, prefill, decode = [], [], []
+    expected = []
     for prompt in prompts(cfg, eager_io):
         reset()
-        expected, expected_logits = greedy(eager, eager_io, cfg, prompt)
+        tokens, logits = greedy(eager, eager_io, cfg, prompt)
+        expected.append({"prompt": prompt, "tokens": tokens, "logits": logits})
+    if saved is not None:
+        np.savez(saved, **{f"{k}/{key}": np.asarray(record[key]) for k, record in enumerate(expected)
+                           for key in ("prompt", "tokens", "logits")})
+    return judge_generation(cfg, tolerance, expected, artifact, io, carried)
+
+
+def load_generation(path: Path) -> list[dict[str, Any]]:
+    """Eager's generation as verify_generation saved it: per prompt, its tokens and logits."""
+    records: dict[int, dict[str, Any]] = {}
+    with np.load(path) as data:
+        for name in data.files:
+            index, _, key = name.partition("/")
+            value = data[name]
+            records.setdefault(int(index), {})[key] = list(value) if key == "logits" else value.tolist()
+    return [records[k] for k in sorted(records)]
+
+
+def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: Callable[[], Step],
+                     io: Mapping[str, Any], carried: int = 0) -> dict[str, Any]:
+    """Each of eager's generations (`expected`) against the artifact's greedy run from the same
+    prompt, each through `artifact()` (a step whose runtime state starts anew), token by token.
+    Tokens must match at the precision's `min_top1_agreement` (every one where it sets none).
+    `carried`: the bytes of state (KV cache) carried between calls, for the report."""
+    results, prefill, decode = [], [], []
+    for record in expected:
+        prompt, tokens, logits = record["prompt"], record["tokens"], record["logits"]
         calls: list[float] = []
         actual, actual_logits = greedy(artifact(), io, cfg, prompt, calls)
         prefill += calls[: len(prompt) - 1]  # the prompt's calls before the last, which chooses
         decode += calls[len(prompt) - 1:]
-        differ = [k for k, (e, a) in enumerate(zip(expected, actual)) if e != a]
+        differ = [k for k, (e, a) in enumerate(zip(tokens, actual)) if e != a]
         first = differ[0] if differ else None
-        until = expected_logits[: first if first is not None else None] or expected_logits[:1]
+        until = logits[: first if first is not None else None] or logits[:1]
         results.append({
-            "prompt": prompt, "eager": expected, "artifact": actual, "first_divergence": first,
-            "token_match": 1 - len(differ) / len(expected),
+            "prompt": prompt, "eager": tokens, "artifact": actual, "first_divergence": first,
+            "token_match": 1 - len(differ) / len(tokens),
             "max_rel_until_divergence": max(compare(e, a)["max_rel"] for e, a in
                                             zip(until, actual_logits[: len(until)])),
         })

@@ -31,6 +31,9 @@ def build_model(model_cfg: Mapping[str, Any], checkpoint_config: Mapping[str, An
     if arch:
         from hydra.utils import instantiate
 
+        from ..upstream.torchvision import importable
+
+        importable()  # an architecture may import it (transformers does, whenever it is installed)
         try:
             model = instantiate(arch)
         except Exception as exc:  # hydra wraps the constructor's own error

@@ -9,4 +9,6 @@ without it: when a pin moves and that test starts failing, the workaround can go
     executorch.py   integer scalars made float by XNNPACKQuantizer; fp16 LayerNorm kernel;
                     dynamic batch narrowed by the CPU convolution backend choice while lowering;
                     dynamic batch pinned by the edge IR validator on list-returning ops
+    torchvision.py  PyPI's CUDA torchvision beside the CPU torch fails to import (and so every
+                    transformers model)
 """
