@@ -1,9 +1,10 @@
 """verify_target: the artifact on every device its target ships to (conf/target/*.yaml `devices:`),
 each in its own runtime: natively where this host is one, under qemu-user where it is not
 (an arm64 phone core, x86 without VNNI), in Chromium for a browser; on verify's held-out inputs
-and, for a part with state, verify's stream with the state carried as the app carries it; judged
-by the same tolerances. The cell passes only when no device fails; a device that cannot run here
-is SKIPPED with its reason, never passed silently. Emulated time is not device time: only the
+and, for a part with state, verify's stream with the state carried as the app carries it; for a
+decoder, verify's greedy generations, the device choosing each token; judged by the same
+tolerances. The cell passes only when no device fails; a device that cannot run here is SKIPPED
+with its reason, never passed silently. Emulated time is not device time: only the
 browser's latency is reported.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _verdict(target: str, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _figure(device: dict[str, Any]) -> str:
     worst = max(o["max_abs"] for o in device["outputs"].values())
-    return f"max abs {worst:.2g}"
+    generated = device.get("generation")
+    return f"max abs {worst:.2g}" + (f", {_generation_figure(generated)}" if generated else "")
 
 
 def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
@@ -92,6 +94,8 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
             report, first = _held_out(ctx, verify.dir, io, session) if "held_out" in verify.result else ({}, None)
             if io["state"] or io["internal_state"]:
                 report = _stream(verify.dir, io, session, tolerance, report)
+            if ctx.cfg.part.generate is not None:
+                report["generation"] = _generation(ctx, verify, lower, io, placement, session, tolerance)
             if placement.mode == "browser":
                 report["latency"] = _latency(ctx, first[0] if "processing" in io else None, io, session)
             described = session.describe()
@@ -100,8 +104,9 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
         return {"status": "fail", "passed": False, "mode": placement.mode,
                 "reason": f"the runtime failed on {lower.result['artifact']}: {exc}"}
     passed, reason = check(report, tolerance) if "held_out" in report else (True, "")
-    if passed and "stream" in report:
-        passed, reason = report["stream"]["passed"], report["stream"]["reason"]
+    for kind in ("stream", "generation"):
+        if passed and kind in report:
+            passed, reason = report[kind]["passed"], report[kind]["reason"]
     mode = ctx.cfg.verify.diagnose
     if first and "processing" not in io and not io["state"] and (mode == "always" or mode == "on_failure" and not passed):
         from .support.diagnose import describe
@@ -123,7 +128,8 @@ def _verify_was_native(verify: dict[str, Any]) -> dict[str, Any]:
 
     from .runtimes.device_worker import cpu_features
 
-    keys = ("held_out", "examples", "outputs", "scores", "top1_agreement", "map_iou", "boxes", "accuracy", "stream", "diagnosis")
+    keys = ("held_out", "examples", "outputs", "scores", "top1_agreement", "map_iou", "boxes", "accuracy", "stream",
+            "generation", "diagnosis")
     return {"status": "pass" if verify["passed"] else "fail", "passed": verify["passed"], "mode": "native",
             "runtime": f"{verify['runtime']}, native ({host_cpu()['model']}): verify's own run",
             "cpu": cpu_features(), "reason": verify["reason"] or "verify's figures, on this host",
@@ -177,6 +183,30 @@ def _stream(verify_dir, io, session, tolerance, report: dict[str, Any]) -> dict[
     report["stream"] = stream
     report.setdefault("outputs", stream["outputs"])
     return report
+
+
+def _generation(ctx: StageContext, verify, lower, io, placement, session, tolerance) -> dict[str, Any]:
+    """verify's greedy generations replayed on the device: the same prompts, the device's own
+    choices fed back, its tokens against eager's. A .pte keeping its state inside starts each
+    prompt in a fresh session (as verify reloads it); state as I/O starts from zeros."""
+    import contextlib
+
+    from .support.generation import GENERATION, judge_generation, load_generation
+
+    inside = not io["state"] and bool(io["internal_state"])
+    with contextlib.ExitStack() as fresh:
+        def artifact():
+            if not inside:
+                return session.run
+            return fresh.enter_context(placement.session(lower.dir / lower.result["artifact"], io,
+                                                         ctx.cfg.benchmark.threads)).run
+
+        return judge_generation(ctx.cfg.part.generate, tolerance, load_generation(verify.dir / GENERATION),
+                                artifact, io, verify.result["generation"]["state_bytes"])
+
+
+def _generation_figure(generated: dict[str, Any]) -> str:
+    return f"{generated['token_match']:.0%} of {generated['prompts']}x{generated['steps']} greedy tokens as eager's"
 
 
 def _latency(ctx: StageContext, raw_feed: dict | None, io, session) -> dict[str, Any]:

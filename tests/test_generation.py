@@ -75,6 +75,24 @@ def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_p
     assert generated["decode_tokens_per_s"] > 0 and generated["prefill_tokens_per_s"] > 0
 
 
+@pytest.mark.parametrize("fmt, target, device, mode", [("onnx", "web", "chromium-wasm", "browser"),
+                                                       ("pte", "android", "cortex-a53", "emulated")])
+def test_a_decoder_generates_eagers_tokens_on_the_targets_devices(run_tiny, tmp_path, fmt, target, device, mode):
+    """verify's prompts decoded greedily on each device of the target, in its own runtime (the
+    browser's onnxruntime-web, an emulated phone core), the device choosing every token."""
+    from tests.tiny import write_decoder_checkpoint
+
+    run = run_tiny(f"format={fmt}", f"target={target}", "calibration=synthetic", "verify.emulate=true",
+                   model="tiny_decoder", checkpoint=write_decoder_checkpoint(tmp_path / "decoder.pt"))
+    assert run.status == "pass", run.error
+    on_device = run.result("verify_target")["devices"][device]
+    assert on_device["mode"] == mode and on_device["status"] == "pass", on_device["reason"]
+    generated, expected = on_device["generation"], run.result("verify")["generation"]
+    assert generated["token_match"] == 1.0 and generated["prompts"] == 3 and generated["steps"] == 12
+    assert [p["artifact"] for p in generated["per_prompt"]] == [p["eager"] for p in expected["per_prompt"]]
+    assert "100% of 3x12 greedy tokens as eager's" in run.result("verify_target")["reason"]
+
+
 def test_a_kv_cache_written_in_place_is_state_not_weights():
     """The buffers a cache write updates are state, and the size audit leaves them out of the
     weights."""
