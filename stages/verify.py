@@ -170,7 +170,7 @@ TEST_CASES = 3
 def _expected_cases(lower, artifact, cases, tolerance) -> dict[str, Any]:
     """The first held-out examples, one call each, with the artifact's outputs as expected
     values and eager's for reference; where the precision sets no max_abs, judged to its max_rel
-    (fp16) or 10% (int8) of the largest expected value, the atol a bundled runner needs. Or why
+    (fp32, fp16) or 10% (int8) of the largest expected value, the atol a bundled runner needs. Or why
     there are none."""
     from .support.testcases import unbundlable
 
@@ -180,7 +180,7 @@ def _expected_cases(lower, artifact, cases, tolerance) -> dict[str, Any]:
     expected = [artifact(feed) for feed in feeds]
     largest = max(float(np.abs(o).max(initial=0)) for outputs in expected for o in outputs if o.dtype.kind != "O")
     relative = tolerance.max_rel if tolerance.get("max_rel") is not None else 0.1
-    bounds = {"max_abs": tolerance.max_abs if tolerance.max_abs is not None else round(relative * largest, 6),
+    bounds = {"max_abs": tolerance.max_abs if tolerance.max_abs is not None else float(f"{relative * largest:.3g}"),
               "min_cosine": tolerance.min_cosine}
     return {"feeds": feeds, "expected": expected, "eager": [eager for _, eager in cases], "bounds": bounds}
 

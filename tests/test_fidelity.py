@@ -118,3 +118,19 @@ def test_integer_outputs_are_judged_equal_or_not_never_by_cosine():
     stated = OmegaConf.create({"max_abs": 0.0, "mean_abs": None, "min_cosine": None, "min_top1_agreement": 0.95})
     assert check({"outputs": {"token": measured}}, stated) == (True, "")  # a stated match rate, not max_abs
     assert "exact_match" not in compare(eager.astype(np.float32), artifact.astype(np.float32))
+
+
+def test_fp32_is_judged_relative_to_the_outputs_scale():
+    """Large logits carry a float program's reordering error in proportion (timm's mobilenetv4,
+    logits up to 18: 1.24e-4 off); a wrong value at any scale is still refused."""
+    fp32 = OmegaConf.merge(OmegaConf.create({"max_abs": None, "mean_abs": None, "max_rel": None,
+                                             "min_cosine": None, "min_top1_agreement": None}),
+                           OmegaConf.load("conf/precision/fp32.yaml").tolerance)
+    rng = np.random.default_rng(0)
+    eager = (18 * rng.standard_normal((4, 1000))).astype(np.float32)
+    reordered = eager + rng.uniform(-1.3e-4, 1.3e-4, eager.shape).astype(np.float32)
+    assert check(judge([[eager]], [[reordered]], ["logits"], {}, None), fp32)[0]
+    wrong = eager.copy()
+    wrong[0, 0] += 0.05
+    passed, reason = check(judge([[eager]], [[wrong]], ["logits"], {}, None), fp32)
+    assert not passed and "of its largest value > 0.0001" in reason
