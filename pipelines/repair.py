@@ -4,17 +4,19 @@
 layer at a time (verify's diagnosis names the layer whose error jumps; a quantizer or lowering
 error names the module of the node it broke on) until the tolerance holds, or
 `quantize.max_float_layers` is reached, or a layer kept float does not cut the error (it builds
-up across the model); then, as `fp32` does at once, it rebuilds the whole cell at fp32 with
-`quantize.fallback_tolerance`.
+up across the model); then, as `fp32` does at once, it rebuilds the whole cell at fp32, judged
+by `quantize.fallback_tolerance` or, unset, by the tolerance `precision=fp32` has.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
-from .schema import StoredWeights
+from .schema import StoredWeights, Tolerance
 
+FP32 = Path(__file__).resolve().parents[1] / "conf" / "precision" / "fp32.yaml"
 RETRYABLE = ("quantize", "preprocess", "lower", "verify", "verify_target", "size_audit")  # rebuildable
 
 
@@ -38,10 +40,17 @@ def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> b
     log.info("  %s failed at %s (%s): falling back to fp32", failed, precision, exc.message)
     run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
     run.float_layers = []
-    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"], "options": {},
+    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"] or _fp32_tolerance(),
+                         "options": {},
                          "weights": asdict(StoredWeights())}
     root["quantize"] = {**root["quantize"], "keep_float": []}
     return True
+
+
+def _fp32_tolerance() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return {**asdict(Tolerance()), **OmegaConf.to_container(OmegaConf.load(FP32).tolerance)}
 
 
 def _layer_to_keep(root: dict[str, Any], run, failed: str, exc: PipelineError) -> str | None:

@@ -312,7 +312,8 @@ class QuantizeConfig:
     per_channel: bool = True
     keep_float: List[str] = field(default_factory=list)  # module paths left at fp32 (e.g. head)
     max_float_layers: int = 8  # on_failure=mixed: layers it may keep float before falling back
-    fallback_tolerance: Tolerance = field(default_factory=Tolerance)  # for a cell that fell back
+    # for a cell that fell back; null: conf/precision/fp32.yaml's, what a precision=fp32 cell has
+    fallback_tolerance: Optional[Tolerance] = None
 
 
 @dataclass

@@ -125,3 +125,24 @@ def test_mixed_stops_when_the_layers_kept_float_do_not_cut_the_error():
     assert _stalled(stuck) == ("keeping a, b float left the error at 8.40e-03 of the largest value "
                                "(was 9.00e-03): it builds up across the model")
     assert _stalled(stuck[1:]) == ""  # one layer that did not help is not yet a pattern
+
+
+def test_a_cell_that_falls_back_is_judged_as_a_precision_fp32_cell():
+    """One fp32 tolerance: conf/precision/fp32.yaml's, unless quantize.fallback_tolerance is set."""
+    import logging
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipelines.errors import PipelineError
+    from pipelines.repair import repair
+
+    fp32 = OmegaConf.to_container(OmegaConf.load("conf/precision/fp32.yaml").tolerance)
+    fp32 = {**{key: None for key in ("mean_abs", "max_accuracy_drop", "min_top1_agreement", "min_map_iou",
+                                    "min_box_iou")}, **fp32}
+    for fallback, expected in ((None, fp32), ({"max_abs": 0.5}, {"max_abs": 0.5})):
+        root = {"quantize": {"on_failure": "fp32", "keep_float": [], "fallback_tolerance": fallback},
+                "precision": {"name": "int8", "tolerance": {"max_abs": None}}}
+        run = SimpleNamespace(attempts=[], result=lambda stage: {}, status="pass")
+        assert repair(root, run, "quantize", PipelineError("broke", stage="quantize"), logging.getLogger())
+        assert run.status == "fallback" and root["precision"]["tolerance"] == expected
