@@ -16,7 +16,7 @@ from pipelines.memory import release
 from pipelines.registry import StageContext, stage
 from pipelines.versions import host_cpu, host_isa
 
-from .support.fidelity import HELD_OUT, check, class_scores, judge, part_tolerance, save_held_out
+from .support.fidelity import HELD_OUT, class_scores, judge, part_tolerance, save_held_out, verdict
 from .formats import backend
 from .support.tensors import as_examples, batch_axes, batch_count, batches, dataset_files, synthetic_examples
 
@@ -89,10 +89,7 @@ def run(ctx: StageContext) -> dict:
             else (lambda: artifact), io,
             state_bytes(eager_io, {name: eager.get_buffer(name) for name in eager_io["internal_state"]}),
             ctx.workdir / GENERATION)
-    report["passed"], report["reason"] = check(report, tolerance) if "held_out" in report else (True, "")
-    for kind in ("stream", "generation"):
-        if report["passed"] and kind in report:
-            report["passed"], report["reason"] = report[kind]["passed"], report[kind]["reason"]
+    report["passed"], report["reason"] = verdict(report, tolerance)
     mode = ctx.cfg.verify.diagnose
     if first and not io["state"] and (mode == "always" or mode == "on_failure" and not report["passed"]):
         from .support.diagnose import describe

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.registry import StageContext, stage
 
-from .support.fidelity import HELD_OUT, check, class_scores, judge, load_held_out, part_tolerance
+from .support.fidelity import HELD_OUT, class_scores, judge, load_held_out, part_tolerance, verdict
 from .support.tensors import batches
 
 
@@ -103,10 +103,7 @@ def _on_device(ctx: StageContext, placement) -> dict[str, Any]:
     except (DeviceError, BrowserUnavailable) as exc:
         return {"status": "fail", "passed": False, "mode": placement.mode,
                 "reason": f"the runtime failed on {lower.result['artifact']}: {exc}"}
-    passed, reason = check(report, tolerance) if "held_out" in report else (True, "")
-    for kind in ("stream", "generation"):
-        if passed and kind in report:
-            passed, reason = report[kind]["passed"], report[kind]["reason"]
+    passed, reason = verdict(report, tolerance)
     mode = ctx.cfg.verify.diagnose
     if first and "processing" not in io and not io["state"] and (mode == "always" or mode == "on_failure" and not passed):
         from .support.diagnose import describe

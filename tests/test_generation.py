@@ -131,3 +131,28 @@ def test_the_zoo_generator_generates_eagers_tokens_in_every_cell(tmp_path):
         assert verify["passed"], (cell.name, verify["reason"])
         if "_fp32_" in cell.name or "_fp16_" in cell.name:
             assert verify["generation"]["token_match"] == 1.0, cell.name
+
+
+def test_a_transformers_llama_generates_eagers_tokens_in_both_runtimes(tmp_path):
+    """corpus/conf/model/llama.yaml: transformers' LlamaForCausalLM as a decode step with its static
+    cache (as I/O in .onnx, buffers in .pte), judged by greedy generation."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_corpus import CORPUS_CONF, ensure_corpus_deps
+
+    ensure_corpus_deps()
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", "recipe=corpus", f"hydra.searchpath=[file://{CORPUS_CONF}]", "model=llama",
+         "precision=fp32", f"cache.dir={tmp_path}/cache",
+         f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert (sweep / "matrix.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    for fmt in ("onnx", "pte"):
+        verify = json.loads(next((sweep / f"llama_fp32_{fmt}").glob("**/verify.json")).read_text())
+        assert verify["passed"], verify["reason"]
+        generation = verify["generation"]
+        assert generation["token_match"] == 1.0 and generation["prompts"] * generation["steps"] == 96
+        assert generation["state_bytes"] == 16 * 1024 and "stream" in verify  # 2 layers x K, V x 2 heads x 32 x 16

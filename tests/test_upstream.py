@@ -781,3 +781,54 @@ def test_with_the_workaround_torchvision_and_every_transformers_model_import():
         " hidden_size=32, num_attention_heads=2, intermediate_size=64))).__name__)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1000", "BertModel"]
+
+
+LLAMA = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def _llama():
+    from stages.upstream.torchvision import importable
+    from tests.test_corpus import ensure_corpus_deps
+
+    ensure_corpus_deps()
+    importable()
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+
+
+def test_transformers_static_cache_wrapper_still_leaves_its_cache_as_constants():
+    """transformers 5.23's TorchExportableModuleWithStaticCache: the cache is lifted as constants,
+    and decomposing the program (what every backend does) fails."""
+    model = _llama()  # first: it makes transformers importable
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model.generation_config.use_cache, model.generation_config.cache_implementation = True, "static"
+    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=32)
+    program = torch.export.export(wrapper, (), {"input_ids": torch.tensor([[3]]), "cache_position": torch.tensor([0])})
+    assert not program.graph_signature.buffers_to_mutate
+    assert sum(spec.kind.name == "CONSTANT_TENSOR" for spec in program.graph_signature.input_specs) >= 4
+    with pytest.raises(AssertionError, match="expected compiled_fn to be GraphModule"):
+        program.run_decompositions({})
+
+
+def test_a_causal_lm_step_writes_its_cache_as_the_programs_buffers():
+    """stages/upstream/transformers.py: the program's only state is its keys and values, written at
+    the position input; decoding token by token gives the logits of the whole sequence at once."""
+    from stages.support.state_io import mutated_buffers
+    from stages.upstream.transformers import CausalLMStep
+
+    step = CausalLMStep("transformers.LlamaForCausalLM", "transformers.LlamaConfig", LLAMA, max_length=32).eval()
+    step.net.load_state_dict(_llama().state_dict())
+    program = torch.export.export(step, (torch.tensor([[3]]), torch.tensor([0])))
+    assert mutated_buffers(program) == ["key_cache_0", "key_cache_1", "value_cache_0", "value_cache_1"]
+    assert not [key for key in step.state_dict() if "cache" in key]  # state, not weights
+    tokens = [3, 9, 1, 4, 5, 6, 7, 8]
+    decoded = program.module()
+    with torch.no_grad():
+        whole = step.net(input_ids=torch.tensor([tokens])).logits[0]
+        for position, token in enumerate(tokens):
+            logits = decoded(torch.tensor([[token]]), torch.tensor([position]))
+            assert torch.allclose(logits[0], whole[position], atol=1e-5), position

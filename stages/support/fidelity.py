@@ -196,6 +196,17 @@ def part_tolerance(precision, part):
     return OmegaConf.merge(precision.tolerance, mine)
 
 
+def verdict(report: dict[str, Any], tol) -> tuple[bool, str]:
+    """A verification's pass and reason: the held-out outputs, then for a generator what it
+    generates (its stream of random tokens is reported beside, not judged), else a stateful
+    part's stream."""
+    passed, reason = check(report, tol) if "held_out" in report else (True, "")
+    kind = "generation" if "generation" in report else "stream"
+    if passed and kind in report:
+        passed, reason = report[kind]["passed"], report[kind]["reason"]
+    return passed, reason
+
+
 def check(report: dict[str, Any], tol) -> tuple[bool, str]:
     """Every configured tolerance, on every output; the first one missed is the reason."""
     for name, m in report["outputs"].items():

@@ -119,7 +119,8 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
                      io: Mapping[str, Any], carried: int = 0) -> dict[str, Any]:
     """Each of eager's generations (`expected`) against the artifact's greedy run from the same
     prompt, each through `artifact()` (a step whose runtime state starts anew), token by token.
-    Tokens must match at the precision's `min_top1_agreement` (every one where it sets none).
+    Tokens must match at the precision's `min_top1_agreement` (every one where it sets none), and
+    the logits until the first divergence stay within its `max_rel` where it sets one.
     `carried`: the bytes of state (KV cache) carried between calls, for the report."""
     results, prefill, decode = [], [], []
     for record in expected:
@@ -140,8 +141,12 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
     match = float(np.mean([r["token_match"] for r in results]))
     wanted = tolerance.min_top1_agreement if tolerance.min_top1_agreement is not None else 1.0
     diverged = [(k, r) for k, r in enumerate(results) if r["first_divergence"] is not None]
-    reason = ""
-    if match < wanted:
+    reason, drift = "", max(r["max_rel_until_divergence"] for r in results)
+    if tolerance.get("max_rel") is not None and not drift <= tolerance.max_rel:
+        k = max(range(len(results)), key=lambda i: results[i]["max_rel_until_divergence"])
+        reason = (f"greedy generation: prompt {k}'s logits are {drift:.2e} of their largest value off eager's "
+                  f"> {tolerance.max_rel:g} ({match:.1%} of the tokens match)")
+    elif match < wanted:
         k, worst = min(diverged, key=lambda kr: kr[1]["first_divergence"])
         reason = (f"greedy generation: {match:.1%} of the tokens match eager's < {wanted:.0%}; prompt {k} "
                   f"diverges at step {worst['first_divergence']} of {cfg.steps} (token {worst['artifact'][worst['first_divergence']]} "
@@ -153,7 +158,7 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
             "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) else None,
             "state_bytes": carried,
             "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
-            "max_rel_until_divergence": max(r["max_rel_until_divergence"] for r in results),
+            "max_rel_until_divergence": drift,
             "per_prompt": results, "passed": not reason, "reason": reason}
 
 

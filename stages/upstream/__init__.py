@@ -11,4 +11,7 @@ without it: when a pin moves and that test starts failing, the workaround can go
                     dynamic batch pinned by the edge IR validator on list-returning ops
     torchvision.py  PyPI's CUDA torchvision beside the CPU torch fails to import (and so every
                     transformers model)
+    transformers.py its static-cache export wrapper leaves the KV cache as constants (no state,
+                    and decomposing the program fails): a causal LM decode step whose cache is
+                    the program's buffers
 """
