@@ -55,6 +55,7 @@ def run(ctx: StageContext) -> dict:
     clean = ctx.input("clean_state_dict")
     eager = load_part(ctx.cfg.model, ctx.cfg.part, clean.dir / clean.result["weights"],
                       ctx.input("load_checkpoint").result["config"], strict=clean.result["strict"])
+    reset = _resetter(eager, eager_io)  # its loaded state, before any call changes it
     # on a host whose CPU the target does not include, the graph's own arithmetic, not this CPU's
     # fused kernels (x86 without VNNI saturates int8 pairs that wasm and arm64 never do)
     as_written = host_isa() not in list(ctx.cfg.target.isa)
@@ -77,14 +78,14 @@ def run(ctx: StageContext) -> dict:
         from .support.streaming import STREAM, verify_stream
 
         report["stream"] = verify_stream(ctx.cfg.verify.stream, tolerance, step, eager_io,
-                                         _resetter(eager, eager_io), artifact, io, ctx.workdir / STREAM)
+                                         reset, artifact, io, ctx.workdir / STREAM)
         report.setdefault("outputs", report["stream"]["outputs"])
     if ctx.cfg.part.generate is not None:
         from .support.generation import GENERATION, state_bytes, verify_generation
 
         inside = eager_io["internal_state"] and not io["state"]  # a .pte's buffers: reload to reset
         report["generation"] = verify_generation(
-            ctx.cfg.part.generate, tolerance, step, eager_io, _resetter(eager, eager_io),
+            ctx.cfg.part.generate, tolerance, step, eager_io, reset,
             (lambda: fmt.load(lower.dir / lower.result["artifact"], io, as_written=as_written)) if inside
             else (lambda: artifact), io,
             state_bytes(eager_io, {name: eager.get_buffer(name) for name in eager_io["internal_state"]}),

@@ -76,7 +76,8 @@ def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int],
             seconds.append(time.perf_counter() - started)
         state = {s["input"]: outputs[s["output"]] for s in io["state"]}
         if position >= len(prompt) - 1:  # the prompt's last token on: each call chooses the next
-            scores = outputs[cfg.logits].reshape(-1, outputs[cfg.logits].shape[-1])[-1]
+            # a copy: a runtime may hand back the same output buffer at every call
+            scores = np.array(outputs[cfg.logits].reshape(-1, outputs[cfg.logits].shape[-1])[-1])
             logits.append(scores)
             tokens.append(int(np.argmax(scores)))
             fed.append(tokens[-1])
@@ -131,12 +132,13 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
         decode += calls[len(prompt) - 1:]
         differ = [k for k, (e, a) in enumerate(zip(tokens, actual)) if e != a]
         first = differ[0] if differ else None
-        until = logits[: first if first is not None else None] or logits[:1]
+        until = logits[: first + 1 if first is not None else None]  # the calls fed the same tokens
         results.append({
             "prompt": prompt, "eager": tokens, "artifact": actual, "first_divergence": first,
             "token_match": 1 - len(differ) / len(tokens),
             "max_rel_until_divergence": max(compare(e, a)["max_rel"] for e, a in
                                             zip(until, actual_logits[: len(until)])),
+            **(_parting(logits[first], actual_logits[first]) if first is not None else {}),
         })
     match = float(np.mean([r["token_match"] for r in results]))
     wanted = tolerance.min_top1_agreement if tolerance.min_top1_agreement is not None else 1.0
@@ -151,7 +153,8 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
         reason = (f"greedy generation: {match:.1%} of the tokens match eager's < {wanted:.0%}; prompt {k} "
                   f"diverges at step {worst['first_divergence']} of {cfg.steps} (token {worst['artifact'][worst['first_divergence']]} "
                   f"for eager's {worst['eager'][worst['first_divergence']]}; logits {worst['max_rel_until_divergence']:.2e} "
-                  f"of their largest value off eager until then)")
+                  f"of their largest value off eager until then; there eager's top two were "
+                  f"{worst['eager_margin']:.2g} apart and the artifact's logits {worst['max_abs_there']:.2g} off)")
     return {"prompts": len(results), "steps": cfg.steps, "token_match": match,
             # one token a call, timed in this verification (make bench times the artifact properly)
             "prefill_tokens_per_s": len(prefill) / sum(prefill) if prefill and sum(prefill) else None,
@@ -160,6 +163,14 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
             "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
             "max_rel_until_divergence": drift,
             "per_prompt": results, "passed": not reason, "reason": reason}
+
+
+def _parting(eager: np.ndarray, artifact: np.ndarray) -> dict[str, float]:
+    """Where the two parted: how far apart eager's two best tokens were (a near-tie is parted by
+    any rounding) and how far the artifact's logits were from eager's."""
+    top = np.sort(np.asarray(eager, np.float64).ravel())[-2:]
+    return {"eager_margin": float(top[1] - top[0]),
+            "max_abs_there": float(np.abs(np.asarray(eager, np.float64) - np.asarray(artifact, np.float64)).max())}
 
 
 def state_bytes(io: Mapping[str, Any], buffers: Mapping[str, Any]) -> int:
