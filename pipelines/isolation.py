@@ -6,8 +6,11 @@ everything it allocated is returned when it ends, and a library that crashes the
 
 Why a fork server (multiprocessing's "forkserver") and not a plain fork of the job: GNU OpenMP
 is not fork-safe, a child forked from a process that already ran a multi-threaded torch op
-hangs on its first parallel op. The server preloads the libraries once (torch, ExecuTorch,
-onnxruntime: about 0.35 GB, shared by every child) and never computes, so forks are cheap and safe.
+hangs on its first parallel op. The server preloads the libraries once (torch and what the job's
+format imports, stages.formats.LIBRARIES: ExecuTorch or onnxruntime, shared by every child) and
+never computes, so forks are cheap and safe. A job starts it (`start`) before its first stage, so
+the imports overlap the checkpoint's hashing; a later job of the same process that needs more
+(a sweep worker going from .onnx cells to .pte ones) restarts it with the union.
 A child gets the caller's environment, working directory, sys.path, log file and terminal with
 each call: the server was started earlier and may have older ones. A patch applied to a module in the caller (a test's
 monkeypatch) does not reach the child: run such a job with `isolate_stages=false`.
@@ -21,26 +24,34 @@ import signal
 import sys
 from multiprocessing import forkserver, popen_forkserver, process, reduction, util
 from multiprocessing.context import ForkServerProcess
-from typing import Any, Callable
+from itertools import chain
+from typing import Any, Callable, Iterable
 
 from . import logs, memory
 from .errors import PipelineError
 
-PRELOAD = ["torch", "executorch.exir", "executorch.runtime", "executorch.devtools", "onnx", "onnxruntime",
-           "onnxruntime.quantization", "onnxscript", "torchao.quantization.pt2e", "stages",
-           "pipelines.runner", "pipelines.fork_server"]
-_started = False
+BASE = ["torch", "torch._dynamo", "torch.export", "torch._inductor"]  # what every format traces with (2 s)
+_preloaded: frozenset[str] | None = None  # the libraries the running server imported
 
 
-def _ensure_server() -> None:
-    """The fork server, started on first use with the libraries' import-time prints sent to the
-    run's log (its children write the console through the descriptor each call passes)."""
-    global _started
-    if not _started:
-        forkserver.set_forkserver_preload(PRELOAD)
-        with logs.libraries_to_log():
-            forkserver.ensure_running()
-        _started = True
+def start(libraries: Iterable[str] | None = None) -> None:
+    """Start the fork server preloading torch, the project and `libraries` (None: every format's),
+    unless the running one already has them; returns while it imports. The libraries'
+    import-time prints go to the run's log (children write the console through the descriptor
+    each call passes)."""
+    global _preloaded
+    from stages.formats import LIBRARIES
+
+    wanted = frozenset(chain(*LIBRARIES.values()) if libraries is None else libraries)
+    if _preloaded is not None:
+        if wanted <= _preloaded:
+            return
+        forkserver._forkserver._stop()  # multiprocessing's one way to change a server's preload
+        wanted |= _preloaded
+    forkserver.set_forkserver_preload([*BASE, *sorted(wanted), "stages", "pipelines.runner", "pipelines.fork_server"])
+    with logs.libraries_to_log():
+        forkserver.ensure_running()
+    _preloaded = wanted
 
 
 class _Popen(popen_forkserver.Popen):
@@ -96,7 +107,8 @@ def _console_fd() -> int | None:
 def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | None]:
     """fn(*args) in a child process: its return value (or its PipelineError, raised here) and
     the child's peak resident memory in MiB."""
-    _ensure_server()
+    if _preloaded is None:
+        start()
     receive, send = multiprocessing.Pipe(duplex=False)
     console = _console_fd()
     caller = (dict(os.environ), os.getcwd(), list(sys.path), logs.current_file(),

@@ -140,6 +140,10 @@ class Runner:
         self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
         self.refresh = set(cache_cfg["refresh"])
         self.isolate = self.root["isolate_stages"]
+        if self.isolate:  # its imports overlap the cache lookups and the checkpoint's hashing
+            from stages.formats import LIBRARIES
+
+            isolation.start(LIBRARIES.get(self.root["format"]["name"]))
         self.model_modules = referenced_modules(self.root["model"])
         unknown = self.refresh - set(STAGES)
         if unknown:

@@ -80,3 +80,26 @@ def test_an_error_crosses_from_the_stage_process_whole():
     assert type(copy) is KeysDoNotFit and copy.report == {"missing": ["a"]}
     assert str(copy) == "[clean_state_dict] 0/4 keys\n  fix: check model="
     assert isinstance(copy.__cause__, OSError) and copy.__cause__.errno == errno.ENOSPC  # a full disk
+
+
+def _imported_libraries() -> list[str]:
+    import sys
+
+    return [name for name in ("onnxruntime", "executorch.exir") if name in sys.modules]
+
+
+def test_the_server_preloads_the_formats_a_process_needs(monkeypatch):
+    """An .onnx job's stages never wait for ExecuTorch's import; a process that goes on to a .pte
+    job gets a server with both."""
+    from multiprocessing import forkserver
+
+    from pipelines import isolation
+    from stages.formats import LIBRARIES
+
+    forkserver._forkserver._stop()
+    monkeypatch.setattr(isolation, "_preloaded", None)
+    isolation.start(LIBRARIES["onnx"])
+    assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime"]
+    isolation.start(LIBRARIES["onnx"])  # already there: the same server
+    isolation.start(LIBRARIES["pte"])
+    assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime", "executorch.exir"]

@@ -51,6 +51,12 @@ class Job:
     options: Any = None  # the precision scheme's own options (stages/formats/schemes.py), for quantize
 
 
+# the libraries each format's stages import, preloaded once by the stage server
+# (pipelines/isolation.py) so no stage pays their import: an .onnx cell never imports ExecuTorch
+LIBRARIES = {"onnx": ("onnx", "onnxruntime", "onnxruntime.quantization", "onnxscript"),
+             "pte": ("executorch.exir", "executorch.runtime", "executorch.devtools", "torchao.quantization.pt2e")}
+
+
 def backend(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
