@@ -75,8 +75,9 @@ def test_a_decoder_step_generates_the_same_tokens_in_its_runtime(run_tiny, tmp_p
     assert generated["decode_tokens_per_s"] > 0 and generated["prefill_tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("fmt, target, device, mode", [("onnx", "web", "chromium-wasm", "browser"),
-                                                       ("pte", "android", "cortex-a53", "emulated")])
+@pytest.mark.parametrize("fmt, target, device, mode", [
+    ("onnx", "web", "chromium-wasm", "browser"),
+    pytest.param("pte", "android", "cortex-a53", "emulated", marks=pytest.mark.slow)])  # 2.5 min emulated
 def test_a_decoder_generates_eagers_tokens_on_the_targets_devices(run_tiny, tmp_path, fmt, target, device, mode):
     """verify's prompts decoded greedily on each device of the target, in its own runtime (the
     browser's onnxruntime-web, an emulated phone core), the device choosing every token."""
@@ -131,6 +132,31 @@ def test_the_zoo_generator_generates_eagers_tokens_in_every_cell(tmp_path):
         assert verify["passed"], (cell.name, verify["reason"])
         if "_fp32_" in cell.name or "_fp16_" in cell.name:
             assert verify["generation"]["token_match"] == 1.0, cell.name
+
+
+def test_the_zoo_generator_at_int4_generates_eagers_tokens_in_the_browser(tmp_path):
+    """4-bit MatMulNBits weights with the KV cache as I/O, run by Chromium's onnxruntime-web
+    (wasm), the browser choosing every token."""
+    import json
+    import subprocess
+    import sys
+
+    import onnx
+
+    from tests.conftest import ROOT
+    from tests.test_zoo_pipeline import zoo_config
+
+    zoo_config("generator")
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "run.py", "model=generator", "precision=int4", "format=onnx",
+                             "target=web", f"cache.dir={tmp_path}/cache", f"hydra.run.dir={run}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    part = run / "artifacts" / "decoder_step"
+    assert (part / "verify_target.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    assert "MatMulNBits" in {node.op_type for node in onnx.load(str(part / "model.onnx")).graph.node}
+    browser = json.loads((part / "verify_target.json").read_text())["devices"]["chromium-wasm"]
+    assert browser["mode"] == "browser" and browser["passed"], browser.get("reason")
+    assert browser["generation"]["token_match"] == 1.0 and browser["generation"]["prompts"] == 4
 
 
 def test_a_transformers_llama_generates_eagers_tokens_in_both_runtimes(tmp_path):
