@@ -772,8 +772,11 @@ def test_pinned_torchvision_does_not_import_beside_the_cpu_torch():
 
 def test_with_the_workaround_torchvision_and_every_transformers_model_import():
     result = _fresh_python(
+        "import sys\n"
         "from stages.upstream.torchvision import importable\n"
-        "importable()\n"
+        "importable(); importable()\n"
+        "assert 'torchvision' not in sys.modules  # nothing paid until something imports it\n"
+        "import importlib.util; importlib.util.find_spec('torchvision')  # transformers' availability check\n"
         "import torchvision.models.detection, torch\n"
         "from transformers import BertConfig, BertModel\n"
         "net = torchvision.models.resnet18(weights=None).eval()\n"
