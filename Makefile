@@ -51,7 +51,7 @@ scale: $(STAMP) web-runtime  ## time, peak memory per stage and disk at 1M/10M/1
 	$(PY) -m pipelines.scale $(if $(BIG),--with-1b)
 
 CORPUS_SWEEP := outputs/multirun/corpus/$(shell date +%Y-%m-%d_%H-%M-%S)
-corpus: $(CORPUS_STAMP)  ## 21 real architectures x the six cells, the cell table (slow: about 1.5 hours)
+corpus: $(CORPUS_STAMP)  ## 24 real architectures x the six cells, the cell table (slow: about 1.5 hours)
 	$(PY) run.py -m recipe=corpus 'hydra.searchpath=[file://$(CURDIR)/corpus/conf]' \
 	    hydra.sweep.dir=$(CORPUS_SWEEP) || $(PY) -m pipelines.matrix $(CORPUS_SWEEP)
 
