@@ -8,9 +8,9 @@ Why a fork server (multiprocessing's "forkserver") and not a plain fork of the j
 is not fork-safe, a child forked from a process that already ran a multi-threaded torch op
 hangs on its first parallel op. The server preloads the libraries once (torch and what the job's
 format imports, stages.formats.LIBRARIES: ExecuTorch or onnxruntime, shared by every child) and
-never computes, so forks are cheap and safe. A job starts it (`start`) before its first stage, so
-the imports overlap the checkpoint's hashing; a later job of the same process that needs more
-(a sweep worker going from .onnx cells to .pte ones) restarts it with the union.
+never computes, so forks are cheap and safe. A job's first stage that computes starts it (a run
+of cache hits starts none); a later job of the same process that needs more (a sweep worker
+going from .onnx cells to .pte ones) restarts it with the union.
 A child gets the caller's environment, working directory, sys.path, log file and terminal with
 each call: the server was started earlier and may have older ones. A patch applied to a module in the caller (a test's
 monkeypatch) does not reach the child: run such a job with `isolate_stages=false`.
@@ -34,15 +34,15 @@ BASE = ["torch", "torch._dynamo", "torch.export", "torch._inductor"]  # what eve
 _preloaded: frozenset[str] | None = None  # the libraries the running server imported
 
 
-def start(libraries: Iterable[str] | None = None) -> None:
-    """Start the fork server preloading torch, the project and `libraries` (None: every format's),
-    unless the running one already has them; returns while it imports. The libraries'
-    import-time prints go to the run's log (children write the console through the descriptor
-    each call passes)."""
+def start(formats: Iterable[str] | None = None) -> None:
+    """Start the fork server preloading torch, the project and the libraries of `formats` (None:
+    every format), unless the running one already has them. The libraries' import-time prints go
+    to the run's log (children write the console through the descriptor each call passes)."""
     global _preloaded
     from stages.formats import LIBRARIES
 
-    wanted = frozenset(chain(*LIBRARIES.values()) if libraries is None else libraries)
+    names = LIBRARIES if formats is None else formats
+    wanted = frozenset(chain(*(LIBRARIES.get(name, ()) for name in names)))
     if _preloaded is not None:
         if wanted <= _preloaded:
             return

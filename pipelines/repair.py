@@ -5,7 +5,7 @@ layer at a time (verify's diagnosis names the layer whose error jumps; a quantiz
 error names the module of the node it broke on) until the tolerance holds, or
 `quantize.max_float_layers` is reached, or a layer kept float does not cut the error (it builds
 up across the model); then, as `fp32` does at once, it rebuilds the whole cell at fp32, judged
-by `quantize.fallback_tolerance` or, unset, by the tolerance `precision=fp32` has.
+by the tolerance `precision=fp32` has with the fields `quantize.fallback_tolerance` sets.
 """
 from __future__ import annotations
 
@@ -40,17 +40,18 @@ def repair(root: dict[str, Any], run, failed: str, exc: PipelineError, log) -> b
     log.info("  %s failed at %s (%s): falling back to fp32", failed, precision, exc.message)
     run.status, run.fallback_reason = "fallback", f"fell back to fp32: {exc}"
     run.float_layers = []
-    root["precision"] = {"name": "fp32", "tolerance": root["quantize"]["fallback_tolerance"] or _fp32_tolerance(),
-                         "options": {},
-                         "weights": asdict(StoredWeights())}
+    root["precision"] = {"name": "fp32", "tolerance": _fp32_tolerance(root["quantize"]["fallback_tolerance"]),
+                         "options": {}, "weights": asdict(StoredWeights())}
     root["quantize"] = {**root["quantize"], "keep_float": []}
     return True
 
 
-def _fp32_tolerance() -> dict[str, Any]:
-    from omegaconf import OmegaConf
+def _fp32_tolerance(override: dict[str, Any]) -> dict[str, Any]:
+    """conf/precision/fp32.yaml's tolerance with the fields `override` sets (the others are "???")."""
+    from omegaconf import MISSING, OmegaConf
 
-    return {**asdict(Tolerance()), **OmegaConf.to_container(OmegaConf.load(FP32).tolerance)}
+    fp32 = {**asdict(Tolerance()), **OmegaConf.to_container(OmegaConf.load(FP32).tolerance)}
+    return {**fp32, **{key: value for key, value in override.items() if value != MISSING}}
 
 
 def _layer_to_keep(root: dict[str, Any], run, failed: str, exc: PipelineError) -> str | None:

@@ -140,10 +140,6 @@ class Runner:
         self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
         self.refresh = set(cache_cfg["refresh"])
         self.isolate = self.root["isolate_stages"]
-        if self.isolate:  # its imports overlap the cache lookups and the checkpoint's hashing
-            from stages.formats import LIBRARIES
-
-            isolation.start(LIBRARIES.get(self.root["format"]["name"]))
         self.model_modules = referenced_modules(self.root["model"])
         unknown = self.refresh - set(STAGES)
         if unknown:
@@ -242,7 +238,8 @@ class Runner:
         its result and its peak resident memory."""
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
         try:
-            if self.isolate:
+            if self.isolate:  # a server with the libraries of this cell's format (a run of hits starts none)
+                isolation.start([self.root["format"]["name"]])
                 result, peak = isolation.call(stage.name, run_stage, stage.fn, ctx, self.run_dir,
                                               self.model_modules)
             else:

@@ -312,8 +312,9 @@ class QuantizeConfig:
     per_channel: bool = True
     keep_float: List[str] = field(default_factory=list)  # module paths left at fp32 (e.g. head)
     max_float_layers: int = 8  # on_failure=mixed: layers it may keep float before falling back
-    # for a cell that fell back; null: conf/precision/fp32.yaml's, what a precision=fp32 cell has
-    fallback_tolerance: Optional[Tolerance] = None
+    # a cell that fell back is judged by conf/precision/fp32.yaml's tolerance, what a precision=fp32
+    # cell has, with the fields set here (`quantize.fallback_tolerance.max_rel=1e-3`)
+    fallback_tolerance: ToleranceOverride = field(default_factory=ToleranceOverride)
 
 
 @dataclass

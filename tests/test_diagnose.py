@@ -128,7 +128,7 @@ def test_mixed_stops_when_the_layers_kept_float_do_not_cut_the_error():
 
 
 def test_a_cell_that_falls_back_is_judged_as_a_precision_fp32_cell():
-    """One fp32 tolerance: conf/precision/fp32.yaml's, unless quantize.fallback_tolerance is set."""
+    """One fp32 tolerance: conf/precision/fp32.yaml's, with the fields quantize.fallback_tolerance sets."""
     import logging
     from types import SimpleNamespace
 
@@ -140,7 +140,8 @@ def test_a_cell_that_falls_back_is_judged_as_a_precision_fp32_cell():
     fp32 = OmegaConf.to_container(OmegaConf.load("conf/precision/fp32.yaml").tolerance)
     fp32 = {**{key: None for key in ("mean_abs", "max_accuracy_drop", "min_top1_agreement", "min_map_iou",
                                     "min_box_iou")}, **fp32}
-    for fallback, expected in ((None, fp32), ({"max_abs": 0.5}, {"max_abs": 0.5})):
+    unset = {key: "???" for key in fp32}  # OmegaConf.to_container's MISSING
+    for fallback, expected in ((unset, fp32), ({**unset, "max_abs": 0.5}, {**fp32, "max_abs": 0.5})):
         root = {"quantize": {"on_failure": "fp32", "keep_float": [], "fallback_tolerance": fallback},
                 "precision": {"name": "int8", "tolerance": {"max_abs": None}}}
         run = SimpleNamespace(attempts=[], result=lambda stage: {}, status="pass")

@@ -94,12 +94,11 @@ def test_the_server_preloads_the_formats_a_process_needs(monkeypatch):
     from multiprocessing import forkserver
 
     from pipelines import isolation
-    from stages.formats import LIBRARIES
 
     forkserver._forkserver._stop()
     monkeypatch.setattr(isolation, "_preloaded", None)
-    isolation.start(LIBRARIES["onnx"])
+    isolation.start(["onnx"])
     assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime"]
-    isolation.start(LIBRARIES["onnx"])  # already there: the same server
-    isolation.start(LIBRARIES["pte"])
+    isolation.start(["onnx"])  # already there: the same server
+    isolation.start(["pte"])
     assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime", "executorch.exir"]

@@ -47,3 +47,8 @@ def test_one_field_of_a_part_tolerance_is_set_from_the_command_line():
 
     cfg = compose_config("model.parts.0.tolerance.int4.min_top1_agreement=0.5")
     assert cfg.model.parts[0].tolerance.int4.min_top1_agreement == 0.5
+
+
+def test_one_field_of_the_fallback_tolerance_is_set_from_the_command_line():
+    cfg = compose_config("quantize.fallback_tolerance.max_rel=1e-3")
+    assert cfg.quantize.fallback_tolerance.max_rel == 1e-3
