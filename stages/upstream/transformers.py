@@ -22,12 +22,6 @@ import torch
 from torch import nn
 
 
-def _dotted(path: str) -> Any:
-    from hydra.utils import get_object
-
-    return get_object(path)
-
-
 class CausalLMStep(nn.Module):
     """forward(token (1, 1) int64, position (1,) int64) -> logits (1, vocab) of a transformers causal
     LM built from `config` with `fields` (LlamaConfig, Qwen2Config, GPT2Config, ...), its keys and
@@ -37,14 +31,16 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: str, config: str, fields: Mapping[str, Any], max_length: int):
         super().__init__()
+        from hydra.utils import get_object
         from omegaconf import DictConfig, OmegaConf
-        from transformers import StaticCache
 
         from .torchvision import importable
 
-        importable()
+        importable()  # before transformers is imported: it imports torchvision whenever installed
+        from transformers import StaticCache
+
         fields = OmegaConf.to_container(fields) if isinstance(fields, DictConfig) else dict(fields)
-        self.net = _dotted(model)(_dotted(config)(**fields)).eval()
+        self.net = get_object(model)(get_object(config)(**fields)).eval()
         text = self.net.config.get_text_config()
         self.cache = StaticCache(config=text, max_cache_len=max_length)
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
