@@ -47,8 +47,8 @@ matrix: $(STAMP) web-runtime device-runtimes  ## FP32/FP16/INT8 x ONNX/PTE on th
 bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
 	$(PY) -m pipelines.bench
 
-scale: $(STAMP) web-runtime  ## time, peak memory per stage and disk at 1M/10M/100M parameters (BIG=1 adds 1B)
-	$(PY) -m pipelines.scale $(if $(BIG),--with-1b)
+scale: $(STAMP) web-runtime  ## time, peak memory per stage and disk at 1M/10M/100M (BIG=1 adds 1B; FAMILY=generator: int4 LMs)
+	$(PY) -m pipelines.scale $(if $(FAMILY),--family $(FAMILY)) $(if $(BIG),--with-1b)
 
 CORPUS_SWEEP := outputs/multirun/corpus/$(shell date +%Y-%m-%d_%H-%M-%S)
 corpus: $(CORPUS_STAMP)  ## 24 real architectures x the six cells, the cell table (slow: about 1.5 hours)

@@ -118,6 +118,14 @@ def calibration_steps(samples: int = 128, seed: int = 0) -> dict[str, np.ndarray
     return {"token": tokens.reshape(samples, 1, 1).numpy(), "position": positions.reshape(samples, 1).numpy()}
 
 
+def make_random_checkpoint(path: str | pathlib.Path, width: int = 64, layers: int = 2) -> None:
+    """Seeded untrained weights at any size (one head per 64 of width), the checkpoint format
+    make_checkpoint writes: for `make scale --family generator`, where the sizes matter."""
+    torch.manual_seed(0)
+    config = {"vocab": VOCAB, "width": width, "heads": max(1, width // 64), "layers": layers, "max_len": MAX_LEN}
+    save_atomic({"model_state_dict": build(config).state_dict(), "config": config}, pathlib.Path(path))
+
+
 def make_checkpoint(path: str | pathlib.Path) -> None:
     """Train on the language (next-token cross-entropy after the start value); write
     {"model_state_dict", "config"} with empty caches."""

@@ -1,38 +1,85 @@
 """`make scale`: how time, memory and disk grow with the model, measured in one run.
 
-    python -m pipelines.scale [--sizes 1M,10M,100M] [--with-1b] [--root DIR]
+    python -m pipelines.scale [--family mlp|generator] [--sizes 1M,10M,100M] [--with-1b] [--root DIR]
 
-For each size of models/scale.py (LayerNorm/Linear/GELU residual blocks over 1x64xwidth tokens):
-the cold six-cell sweep (`-m recipe=matrix`, empty cache), the same sweep warm, one warm single
-run, each stage's peak resident memory (the worst cell, from the manifests) against the budget of
-3x the fp32 weights + 0.5 GB, and the artifact and cache bytes; then the ratios between sizes.
-`--with-1b` adds the 1B model through FP32 ONNX, INT8 ONNX and FP32 .pte (the full 1B matrix is
-`python run.py -m recipe=matrix model=scale model.arch.width=2048 ...`). Writes scale.json.
+For each size of a family: the cold sweep of its cells (empty cache), the same sweep warm, one
+warm single run, each stage's peak resident memory (the worst cell, from the manifests) against
+the budget of 3x the fp32 weights + 0.5 GB, and the artifact and cache bytes; then the ratios
+between sizes. Families:
+
+- mlp (models/scale.py, LayerNorm/Linear/GELU residual blocks over 1x64xwidth tokens): the six
+  cells of `recipe=matrix`. `--with-1b` adds the 1B model through FP32 ONNX, INT8 ONNX and FP32
+  .pte (the full 1B matrix is `python run.py -m recipe=matrix model=scale model.arch.width=2048 ...`).
+- generator (models/generator.py at any width and depth, seeded weights, KV cache of 32
+  positions): FP32 and INT4 x ONNX/.pte, each verified by greedy generation.
+
+Writes scale.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from .bench import timed
 from .cache import human_bytes
 from .memory import FIXED_MB, PER_WEIGHT_BYTE
 from .report import table
 
-SIZES = {  # name -> (width, hidden, blocks)
-    "1M": (128, 512, 8), "10M": (256, 1024, 20), "100M": (512, 2048, 48), "1B": (2048, 8192, 30)}
 GOALS = {"warm sweep at 100M (s)": 3.0, "warm single run, worst size (s)": 1.0}
 BIG_CELLS = {"onnx": ["precision=fp32,int8", "format=onnx"], "pte": ["precision=fp32", "format=pte"]}
+# a 100M model on emulated CPUs would be hours: memory and time of the stages themselves
+NATIVE = ["calibration=synthetic", "verify.emulate=false"]
 
 
-def model_args(size: str) -> list[str]:
-    width, hidden, blocks = SIZES[size]
-    # memory and time of the stages themselves: a 100M model on emulated CPUs would be hours
-    return ["model=scale", "calibration=synthetic", "verify.emulate=false", f"model.arch.width={width}",
-            f"model.arch.hidden={hidden}", f"model.arch.blocks={blocks}"]
+@dataclass(frozen=True)
+class Family:
+    """Models of one architecture at several sizes, and the sweep that measures them."""
+    sizes: dict[str, dict[str, int]]  # size name -> the architecture's size arguments
+    checkpoint: Callable[[dict[str, int]], Path]  # written once, outside the timings
+    model: Callable[[dict[str, int], Path], list[str]]  # the run's model overrides
+    sweep: list[str]  # the cells of the cold and warm sweeps
+
+
+def _mlp_checkpoint(arch: dict[str, int]) -> Path:
+    from models.scale import make_checkpoint
+
+    path = Path("checkpoints/scale_{width}x{hidden}x{blocks}.pt".format(**arch))
+    if not path.exists():
+        make_checkpoint(path, **arch)
+    return path
+
+
+def _generator_checkpoint(arch: dict[str, int]) -> Path:
+    from models.generator import make_random_checkpoint
+
+    path = Path("checkpoints/generator_random_{width}x{layers}.pt".format(**arch))
+    if not path.exists():
+        make_random_checkpoint(path, **arch)
+    return path
+
+
+FAMILIES = {
+    "mlp": Family(
+        sizes={"1M": dict(width=128, hidden=512, blocks=8), "10M": dict(width=256, hidden=1024, blocks=20),
+               "100M": dict(width=512, hidden=2048, blocks=48), "1B": dict(width=2048, hidden=8192, blocks=30)},
+        checkpoint=_mlp_checkpoint,
+        model=lambda arch, _: ["model=scale", *NATIVE, *(f"model.arch.{k}={v}" for k, v in arch.items())],
+        sweep=["recipe=matrix"]),
+    "generator": Family(  # 12 x width^2 parameters a layer
+        sizes={"1M": dict(width=128, layers=5), "10M": dict(width=256, layers=13),
+               "100M": dict(width=768, layers=14)},
+        checkpoint=_generator_checkpoint,
+        # untrained: near-tied logits, so token agreement is not the test of these weights (the
+        # trained zoo generator's is); its logits are still judged by the precision's bounds
+        model=lambda _, path: ["model=generator", *NATIVE, f"model.checkpoint={path}",
+                               "precision.tolerance.min_top1_agreement=0"],
+        sweep=["recipe=matrix", "precision=fp32,int4"]),
+}
 
 
 def disk_bytes(root: Path) -> int:
@@ -66,29 +113,25 @@ def artifacts(runs: Path) -> dict[str, int]:
     return found
 
 
-def measure(size: str, root: Path) -> dict:
-    from models.scale import make_checkpoint
-
-    width, hidden, blocks = SIZES[size]
-    checkpoint = Path(f"checkpoints/scale_{width}x{hidden}x{blocks}.pt")
-    if not checkpoint.exists():  # outside the timings: a user brings the checkpoint
-        make_checkpoint(checkpoint, width, hidden, blocks)
+def measure(family: Family, size: str, root: Path) -> dict:
+    checkpoint = family.checkpoint(family.sizes[size])
     weights = checkpoint.stat().st_size
     budget = PER_WEIGHT_BYTE * weights / 2**20 + FIXED_MB
     here, cache = root / size, root / size / "cache"
-    model = model_args(size)
+    model = family.model(family.sizes[size], checkpoint)
     result: dict = {"size": size, "weights_bytes": weights, "budget_mb": round(budget)}
     if size == "1B":  # the three cells the 1B model must go through, one after another
         result["cold_sweep_s"] = sum(timed(["-m", *cells, "target=server", *model, f"cache.dir={cache}",
                                             f"hydra.sweep.dir={here}/cold/{fmt}"], here / f"cold-{fmt}.log")
                                      for fmt, cells in BIG_CELLS.items())
     else:
-        sweep = ["-m", "recipe=matrix", *model, f"cache.dir={cache}"]
+        sweep = ["-m", *family.sweep, *model, f"cache.dir={cache}"]
         result["cold_sweep_s"] = timed([*sweep, f"hydra.sweep.dir={here}/cold"], here / "cold.log")
         result["warm_sweep_s"] = timed([*sweep, f"hydra.sweep.dir={here}/warm"], here / "warm.log")
     print(f"  {size}: cold {result['cold_sweep_s']:.1f} s", end="", flush=True)
     target = "target=server" if size == "1B" else "target=any"  # wasm32 cannot hold 4 GB of weights
-    result["warm_single_s"] = timed(["precision=fp32", "format=onnx", target, *model, f"cache.dir={cache}", f"hydra.run.dir={here}/single"], here / "single.log")
+    result["warm_single_s"] = timed(["precision=fp32", "format=onnx", target, *model, f"cache.dir={cache}",
+                                     f"hydra.run.dir={here}/single"], here / "single.log")
     print(f", warm single {result['warm_single_s']:.2f} s"
           + (f", warm sweep {result['warm_sweep_s']:.1f} s" if "warm_sweep_s" in result else ""))
     result["peak_mb"] = stage_peaks(here / "cold")
@@ -142,21 +185,23 @@ def goals(results: list[dict]) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pipelines.scale", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1M,10M,100M", help="of " + ", ".join(SIZES))
-    parser.add_argument("--with-1b", action="store_true", help="add the 1B model (tens of minutes, ~13 GB)")
+    parser.add_argument("--family", default="mlp", choices=list(FAMILIES), help="the architecture (default mlp)")
+    parser.add_argument("--sizes", default="1M,10M,100M", help="of the family's sizes (1M, 10M, 100M; mlp: 1B)")
+    parser.add_argument("--with-1b", action="store_true", help="add the 1B mlp (tens of minutes, ~13 GB)")
     parser.add_argument("--root", type=Path, help="where runs and caches go (default outputs/scale/<time>)")
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s] + (["1B"] if args.with_1b else [])
-    unknown = [s for s in sizes if s not in SIZES]
+    family = FAMILIES[args.family]
+    unknown = [s for s in sizes if s not in family.sizes]
     if unknown:
-        parser.error(f"unknown size {unknown[0]!r}: choose from {', '.join(SIZES)}")
+        parser.error(f"unknown size {unknown[0]!r} for --family {args.family}: choose from {', '.join(family.sizes)}")
     root = args.root or Path("outputs/scale") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     root.mkdir(parents=True, exist_ok=True)
-    print(f"scale: {root}  sizes {', '.join(sizes)}")
+    print(f"scale: {root}  {args.family} at {', '.join(sizes)}")
     results = []
     for size in sizes:
         (root / size).mkdir(exist_ok=True)
-        results.append(measure(size, root))
+        results.append(measure(family, size, root))
         (root / "scale.json").write_text(json.dumps(results, indent=1))  # what was measured so far
     print("\n".join(report(results)))
     print("\n" + table(goals(results), ["figure", "measured", "goal", ""]))
