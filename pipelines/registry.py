@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from .versions import module_source_hash
+from .code_graph import ROOT, code_version
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,10 @@ class Stage:
     # that depends on the config (quantize reads calibration only at int8)
     needs: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]
     config: tuple[str, ...]  # dotted config paths this stage reads (and is keyed on)
-    code: tuple[str, ...]  # modules besides its own whose source versions it
+    # modules it imports by a computed name (importlib), which pipelines/code_graph.py cannot see
+    # in its source; a function of the stage's config view when that depends on the config. Its
+    # key hashes the source of these, its own module and all they import in the project.
+    code: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]
     reads: Callable[[DictConfig], list[str]] | None = None  # outside files hashed into the key
     artifacts: tuple[str, ...] = field(default=())  # globs of its files copied into the run's artifacts/
     # facts about this host its result depends on (a latency: the CPU; a browser check: the
@@ -51,9 +54,9 @@ class Stage:
     def needs_for(self, view: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(view) if callable(self.needs) else self.needs
 
-    def code_version(self) -> str:
-        modules = (self.fn.__module__, *self.code)
-        return "-".join(module_source_hash(m)[:16] for m in modules)
+    def code_version(self, view: dict[str, Any], root: Path = ROOT) -> str:
+        named = self.code(view) if callable(self.code) else self.code
+        return code_version((self.fn.__module__, *named), root)
 
 
 STAGES: dict[str, Stage] = {}
@@ -61,7 +64,7 @@ STAGES: dict[str, Stage] = {}
 
 def stage(name: str, *, needs: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (),
           config: tuple[str, ...] = (),
-          code: tuple[str, ...] = (), reads: Callable[[DictConfig], list[str]] | None = None,
+          code: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (), reads: Callable[[DictConfig], list[str]] | None = None,
           artifacts: tuple[str, ...] = (),
           environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     """Register `fn(ctx) -> result dict` as a pipeline stage."""

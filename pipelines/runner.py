@@ -17,8 +17,9 @@ from . import isolation, logs, memory
 from .cache import Cache, compute_key
 from .errors import PipelineError, root_cause
 from .registry import STAGES, Stage, StageContext, StageOutput
-from .repair import repair
+from .code_graph import code_version, module_file
 from .digests import Digests, sha256
+from .repair import repair
 from .versions import library_versions, module_source_hash
 
 CHAIN = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate", "convert", "quantize",
@@ -84,10 +85,12 @@ def referenced_modules(view: Any) -> list[str]:
 
 
 def referenced_code(view: Any) -> str:
-    """Source versions of the user code a config names: editing a model's architecture
-    invalidates the stages that build it."""
-    versions = []
-    for module in referenced_modules(view):
+    """Source versions of the user code a config names: editing a model's architecture (or a
+    project module it imports) invalidates the stages that build it."""
+    named = referenced_modules(view)
+    inside = tuple(m for m in named if module_file(m))
+    versions = [code_version(inside)[:16]] if inside else []
+    for module in (m for m in named if m not in inside):
         try:
             versions.append(module_source_hash(module)[:16])
         except (ImportError, ValueError):  # unknown module: the stage that builds it says so
@@ -179,7 +182,7 @@ class Runner:
         needs = stage.needs_for(view)
         material = {
             "stage": stage.name,
-            "code": stage.code_version() + referenced_code(view),
+            "code": stage.code_version(view)[:16] + referenced_code(view),
             "config": view,
             "inputs": {need: run.outputs[need].key for need in needs},
             "libraries": library_versions(),

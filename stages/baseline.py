@@ -10,8 +10,7 @@ from .support import timing
 
 
 @stage("baseline", needs=("load_checkpoint", "clean_state_dict", "wrap"),
-       config=("model.arch", "model.factory", "part", "benchmark"),
-       code=("stages.support.model_builder", "stages.support.tensors", "stages.support.timing"), environment=timing.host)
+       config=("model.arch", "model.factory", "part", "benchmark"), environment=timing.host)
 def run(ctx: StageContext) -> dict:
     import torch
 

@@ -7,7 +7,7 @@ import json
 from pipelines.registry import StageContext, stage
 
 from .support import timing
-from .formats import backend
+from .formats import backend, format_code
 
 
 def _needs(view) -> tuple[str, ...]:
@@ -16,8 +16,7 @@ def _needs(view) -> tuple[str, ...]:
 
 
 @stage("benchmark", needs=_needs, config=("format.name", "benchmark", "preprocess.mode", "part.raw"),
-       code=("stages.formats", "stages.support.tensors", "stages.support.timing", "stages.support.raw",
-             "stages.support.profiles"),
+       code=format_code,
        environment=timing.host)
 def run(ctx: StageContext) -> dict:
     cfg, eager = ctx.cfg.benchmark, ctx.input("baseline").result

@@ -22,8 +22,7 @@ def _files(view) -> list[str]:
 
 
 @stage("calibrate", config=("calibration", "part.inputs", "part.calibration_data", "part.raw"),
-       code=("stages.support.tensors", "stages.support.sample_files", "stages.support.raw",
-             "stages.processing", "stages.formats.onnx_session"), reads=_files)
+       reads=_files)
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg.calibration
     specs = list(ctx.cfg.part.inputs)

@@ -12,7 +12,6 @@ from pipelines.registry import StageContext, stage
 
 @stage("clean_state_dict", needs=("load_checkpoint",),
        config=("model.clean", "model.arch", "model.factory"),
-       code=("stages.support.state_dict_cleaning", "stages.support.model_builder", "stages.formats"),
        artifacts=("key_report.json",))
 def run(ctx: StageContext) -> dict:
     import torch
@@ -82,7 +81,7 @@ def _weights(loaded, expected) -> tuple[dict, dict]:
 
 def _program_passes_through(ctx: StageContext, loaded) -> dict:
     """The program is the model: wrap exports it and verify runs it, no architecture needed."""
-    from .formats import link_or_copy
+    from pipelines.digests import link_or_copy
 
     link_or_copy(loaded.dir / "program.pt2", ctx.workdir / "program.pt2")
     unused = "".join(f"; model.{key} not used" for key in ("arch", "factory") if ctx.cfg.model.get(key))

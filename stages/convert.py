@@ -11,12 +11,11 @@ import json
 
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend
+from .formats import Job, backend, format_code
 
 
 @stage("convert", needs=("wrap",), config=("format", "wrap.state"),
-       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
-             "stages.support.export_errors", "stages.support.repro"),
+       code=format_code,
        artifacts=("repro",))
 def run(ctx: StageContext) -> dict:
     from .support.state_io import select

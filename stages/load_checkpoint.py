@@ -8,7 +8,7 @@ from pipelines.registry import StageContext, stage
 
 
 @stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle", "model.weights_key"),
-       code=("stages.support.checkpoint_formats",), reads=lambda view: [view["model"]["checkpoint"]])
+       reads=lambda view: [view["model"]["checkpoint"]])
 def run(ctx: StageContext) -> dict:
     import torch
 

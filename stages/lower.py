@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 
+from pipelines.digests import link_or_copy
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend, link_or_copy
+from .formats import Job, backend, format_code
 
 
 APP_SIDE = ("app_steps.onnx", "labels.json")  # what ships beside the artifact for the app
 
 
 @stage("lower", needs=("preprocess",), config=("precision.name", "format"),
-       code=("stages.formats", "stages.upstream", "stages.support.repro"),
+       code=format_code,
        artifacts=("model.*", "io.json", "state.json", "repro", *APP_SIDE))
 def run(ctx: StageContext) -> dict:
     source = ctx.input("preprocess").dir

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipelines.digests import link_or_copy
 from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend, link_or_copy
+from .formats import Job, backend, format_code
 from .support.tensors import dataset_files
 
 
@@ -36,7 +37,7 @@ def _files(view) -> list[str]:
 
 @stage("preprocess", needs=("quantize",),
        config=("preprocess", "part", "format", "target.onnx_custom_ops"), reads=_files,
-       code=("stages.formats", "stages.processing", "stages.support.tensors"),
+       code=format_code,
        artifacts=("app_steps.onnx", "labels.json"))
 def run(ctx: StageContext) -> dict:
     quantized = ctx.input("quantize")

@@ -11,7 +11,7 @@ import json
 from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
-from .formats import Job
+from .formats import Job, format_code
 from .formats.schemes import chosen, options
 
 
@@ -22,8 +22,7 @@ def _needs(view) -> tuple[str, ...]:
 
 
 @stage("quantize", needs=_needs, config=("precision.name", "precision.options", "format", "quantize", "target"),
-       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.state_io",
-             "stages.support.streaming", "stages.support.export_errors", "stages.upstream"))
+       code=format_code)
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())

@@ -7,12 +7,12 @@ from typing import Any
 
 from pipelines.registry import StageContext, stage
 
-from .formats import backend
+from .formats import backend, format_code
 
 
 @stage("size_audit", needs=("wrap", "lower"),
        config=("precision.name", "precision.weights", "format.name", "quantize.keep_float"),
-       code=("stages.formats",), artifacts=("size_audit.json",))
+       code=format_code, artifacts=("size_audit.json",))
 def run(ctx: StageContext) -> dict:
     lower = ctx.input("lower")
     artifact = lower.dir / lower.result["artifact"]

@@ -17,7 +17,7 @@ from pipelines.registry import StageContext, stage
 from pipelines.versions import host_cpu, host_isa
 
 from .support.fidelity import HELD_OUT, class_scores, judge, part_tolerance, save_held_out, verdict
-from .formats import backend
+from .formats import backend, format_code
 from .support.tensors import as_examples, batch_axes, batch_count, batches, dataset_files, synthetic_examples
 
 
@@ -42,9 +42,7 @@ def _environment(view) -> dict[str, Any]:
 
 @stage("verify", needs=("load_checkpoint", "clean_state_dict", "wrap", "quantize", "lower"),
        config=("verify", "precision", "format", "target.isa", "model.arch", "model.factory", "part"),
-       code=("stages.formats", "stages.support.model_builder", "stages.support.tensors", "stages.support.streaming",
-             "stages.support.diagnose", "stages.upstream", "stages.support.fidelity", "stages.support.testcases",
-             "stages.support.raw", "stages.processing"),
+       code=format_code,
        reads=_reads, environment=_environment, artifacts=("verify.json", "test_data_set_*", "model.bpte*"))
 def run(ctx: StageContext) -> dict:
     from .support.model_builder import as_step, load_part
@@ -186,7 +184,7 @@ def _expected_cases(lower, artifact, cases, tolerance) -> dict[str, Any]:
 def _write_cases(ctx: StageContext, lower, io, cases: dict[str, Any]) -> dict[str, Any]:
     """The cases beside the artifact (copied into the run's artifacts/; stages/support/testcases.py:
     an .onnx's test_data_set_<i>/, a .pte's model.bpte); `make check-artifact` re-runs them."""
-    from .formats import link_or_copy
+    from pipelines.digests import link_or_copy
     from .support.testcases import write
 
     if "skipped" in cases:

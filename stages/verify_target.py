@@ -17,6 +17,7 @@ import numpy as np
 
 from pipelines.registry import StageContext, stage
 
+from .formats import format_code
 from .support.fidelity import HELD_OUT, class_scores, judge, load_held_out, part_tolerance, verdict
 from .support.tensors import batches
 
@@ -39,9 +40,7 @@ NEEDS = ("load_checkpoint", "clean_state_dict", "quantize", "lower", "verify")  
 @stage("verify_target", needs=lambda view: NEEDS if any(p.mode != "n/a" for p in _placements(view)) else (),
        config=("target", "format", "precision", "part", "verify.batch_size", "verify.emulate", "verify.diagnose",
                "benchmark", "model.arch", "model.factory"),
-       code=("stages.runtimes", "stages.support.fidelity", "stages.support.tensors", "stages.support.timing",
-             "stages.support.raw", "stages.support.streaming", "stages.support.diagnose", "stages.support.model_builder",
-             "stages.formats", "stages.upstream", "devices.install"),
+       code=format_code,
        environment=_environment, artifacts=("verify_target.json",))
 def run(ctx: StageContext) -> dict:
     placements = _placements(ctx.cfg)

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.digests import link_or_copy  # noqa: F401  (the stages pass files on with it)
 
 
 @dataclass
@@ -59,6 +58,14 @@ LIBRARIES = {"onnx": ("onnx", "onnxruntime", "onnxruntime.quantization", "onnxsc
 
 def backend(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def format_code(view: dict[str, Any]) -> tuple[str, ...]:
+    """What backend() and schemes() import by name for the view's format: the code a stage that
+    runs a format's backend declares (`@stage(code=format_code)`), so an edit of one format's
+    backend never misses the other format's cells."""
+    name = view["format"]["name"]
+    return (f"{__name__}.{name}", f"{__name__}.{name}_precisions")
 
 
 def calibration_batches(job: Job, size: int = 16) -> list[dict[str, np.ndarray]]:

@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.digests import link_or_copy
 from pipelines.errors import PipelineError, first_line
 from pipelines.memory import release
 
 from ..upstream.onnx import load_graph
 from ..upstream.onnxruntime import unsafe_optimizers
-from . import Job, link_or_copy, weight_summary
+from . import Job, weight_summary
 from .onnx_session import session
 
 SUFFIX = ".onnx"

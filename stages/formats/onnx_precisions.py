@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.digests import link_or_copy
 from pipelines.memory import release
 
 from ..upstream.onnx import all_tensors, external_bytes, external_tensors, load_graph
 from ..upstream.onnxruntime import (float16_without_weights, int8_weight_bits, restore_node_metadata,
                                    unquantizable_average_pools, unquantizable_layer_norms)
-from . import Job, calibration_batches, link_or_copy
+from . import Job, calibration_batches
 from .onnx import FOLDED, GRAPH, _save, _streamed, load
 from .int4 import Int4Options, nothing_quantized
 from .onnx_session import session

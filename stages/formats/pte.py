@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines.digests import link_or_copy
 from pipelines.errors import PipelineError
 from pipelines.memory import release
 
@@ -19,7 +20,7 @@ from ..support.export_errors import lowering_failure, traceback_frames
 from ..support.model_builder import used_tensors
 from ..support.state_io import mutated_buffers
 from ..upstream.executorch import conv_backends_off, edge_compile_config, prelu_in_four_dims, xnnpack_partitioner
-from . import Job, link_or_copy, weight_summary
+from . import Job, weight_summary
 from .fx_graph import module_outputs, module_paths, module_types, reexport, requantized, with_outputs, within
 from .pte_precisions import PROGRAM
 

@@ -2,7 +2,9 @@
 (stages/formats/schemes.py: the registry; torch is imported inside each)."""
 from __future__ import annotations
 
-from . import Job, link_or_copy
+from pipelines.digests import link_or_copy
+
+from . import Job
 from .int4 import Int4Options, nothing_quantized
 from .schemes import scheme
 
