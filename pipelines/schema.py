@@ -255,14 +255,24 @@ class PrecisionConfig:
     weights: StoredWeights = field(default_factory=StoredWeights)
 
 
+# each format its own schema (conf/format/<name>.yaml names it in its defaults): a key of the
+# other format (`format=pte format.opset=11`) is refused at compose time, not silently keyed
 @dataclass
-class FormatConfig:
-    name: Format = MISSING
-    opset: int = 18  # onnx
-    dynamic_dims: bool = True  # onnx: the specs' dynamic dims (batch...) stay dynamic axes
-    optimize: bool = True  # onnx: ORT offline graph optimisation of the shipped file
-    external_data_threshold_mb: int = 1900  # onnx: above this the weights go to a side .data file
-    xnnpack: bool = True  # pte: delegate to XNNPACK
+class OnnxFormat:
+    name: Format = Format.onnx
+    opset: int = 18
+    dynamic_dims: bool = True  # the specs' dynamic dims (batch...) stay dynamic axes
+    optimize: bool = True  # ORT offline graph optimisation of the shipped file
+    external_data_threshold_mb: int = 1900  # above this the weights go to a side .data file
+
+
+@dataclass
+class PteFormat:
+    name: Format = Format.pte
+    xnnpack: bool = True  # delegate to XNNPACK
+
+
+FORMAT_SCHEMAS = {Format.onnx: OnnxFormat, Format.pte: PteFormat}
 
 
 class DeviceRuntime(str, Enum):
@@ -399,7 +409,7 @@ class CacheConfig:
 class RootConfig:
     model: ModelConfig = MISSING
     precision: PrecisionConfig = MISSING
-    format: FormatConfig = MISSING
+    format: Any = MISSING  # an OnnxFormat or a PteFormat
     target: TargetConfig = MISSING
     preprocess: PreprocessConfig = MISSING
     calibration: CalibrationConfig = MISSING
@@ -424,6 +434,8 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RootConfig)
+    for fmt, schema in FORMAT_SCHEMAS.items():
+        cs.store(group="schema/format", name=fmt.value, node=schema)
     if not OmegaConf.has_resolver("cell_suffix"):
         OmegaConf.register_new_resolver("cell_suffix", lambda choice: "" if choice in (None, "none") else f"_{choice}")
     for name, resolver in (("sweep_jobs", sweep_jobs), ("job_memory_gb", job_memory_gb)):

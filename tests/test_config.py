@@ -49,7 +49,23 @@ def test_unknown_group_value_names_the_options():
 def test_unknown_key_is_rejected_with_its_name():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("format.opsett=17")
-    assert "Key 'opsett' not in 'FormatConfig'" in str(err.value.__cause__)
+    assert "Key 'opsett' not in 'OnnxFormat'" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("choice, key, schema", [("format=pte", "format.opset=11", "PteFormat"),
+                                                 ("format=onnx", "format.xnnpack=false", "OnnxFormat"),
+                                                 ("recipe=android_dev", "format.optimize=false", "PteFormat")])
+def test_a_key_of_the_other_format_is_refused_at_compose_time(choice, key, schema):
+    """One schema per format: an ONNX option on a .pte cell would change its key and do nothing."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(choice, key)
+    assert f"Key '{key.split('.')[1].split('=')[0]}' not in '{schema}'" in str(err.value.__cause__)
+
+
+def test_each_format_has_only_its_own_keys():
+    assert set(compose_config("format=pte").format) == {"name", "xnnpack"}
+    assert set(compose_config("format=onnx", "format.opset=17").format) == {
+        "name", "opset", "dynamic_dims", "optimize", "external_data_threshold_mb"}
 
 
 def test_command_line_groups_win_over_the_recipe():
