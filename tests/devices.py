@@ -3,13 +3,12 @@ build host (an x86 CPU with or without VNNI, an arm64 one), since the profile ru
 where the host is one and under qemu-user elsewhere (stages/runtimes/devices.py)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from stages.runtimes.devices import place, profile
+from tests.conftest import unavailable
 
 
 def run_on(name: str, fmt: str, artifact: Path, feeds: list[dict[str, np.ndarray]],
@@ -22,9 +21,3 @@ def run_on(name: str, fmt: str, artifact: Path, feeds: list[dict[str, np.ndarray
     io = {"inputs": inputs or [{"name": k, "dynamic": {}} for k in feeds[0]]}
     with placement.session(artifact, io) as session:
         return session.run_many(feeds)
-
-
-def unavailable(reason: str) -> None:
-    """A device that cannot run here fails the test under CI (make test builds the runtimes)
-    and skips it elsewhere, with the reason."""
-    (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)

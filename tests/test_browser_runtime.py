@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from stages.runtimes.browser import BrowserUnavailable, WebSession, available, pack, unpack
+from tests.conftest import unavailable
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 16)).astype(np.float32)
@@ -52,7 +53,7 @@ def _native(model: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def browser() -> None:
     if reason := available():
-        pytest.skip(f"browser runtime unavailable: {reason}")
+        unavailable(f"browser runtime unavailable: {reason}")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import logging
 import multiprocessing
 import os
 import threading
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -24,26 +23,34 @@ def runner(root: Path) -> Runner:
     return Runner(cfg, root / "run", logging.getLogger("test"))
 
 
-def slow_stage(root: Path) -> Stage:
+def counted_stage(root: Path) -> Stage:
     def compute(ctx):
         with open(root / "computed", "a") as log:  # one line per real computation
             log.write(f"{os.getpid()}\n")
-        time.sleep(0.5)
         (ctx.workdir / "out.bin").write_bytes(b"result")
         return {"pid": os.getpid()}
 
-    return Stage("slow", compute, needs=(), config=(), code=())
+    return Stage("counted", compute, needs=(), config=(), code=())
 
 
-def call(root: Path, results) -> None:
-    output, hit, _ = runner(root)._cached_call(slow_stage(root), KEY, {}, {}, {}, "part")
+def call(root: Path, results, both_missed) -> None:
+    job = runner(root)
+    take = job.cache.lock
+
+    def lock(key):  # each job has looked the key up and missed before either takes the lock
+        both_missed.wait(20)
+        return take(key)
+
+    job.cache.lock = lock
+    output, hit, _ = job._cached_call(counted_stage(root), KEY, {}, {}, {}, "part")
     results.put((hit, output.result, (output.dir / "out.bin").read_bytes()))
 
 
 def test_two_processes_compute_a_shared_stage_once(tmp_path):
+    """Both miss at first; the one that waited for the lock finds the other's entry and hits."""
     context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    jobs = [context.Process(target=call, args=(tmp_path, results)) for _ in range(2)]
+    results, both_missed = context.Queue(), context.Barrier(2)
+    jobs = [context.Process(target=call, args=(tmp_path, results, both_missed)) for _ in range(2)]
     for job in jobs:
         job.start()
     outcomes = sorted((results.get(timeout=20) for _ in jobs), key=lambda outcome: outcome[0])
@@ -64,7 +71,7 @@ def _hold(path: Path, held, done) -> None:
 
 def test_a_hit_does_not_wait_for_the_keys_lock(tmp_path):
     first = runner(tmp_path)
-    first._cached_call(slow_stage(tmp_path), KEY, {}, {}, {}, "part")
+    first._cached_call(counted_stage(tmp_path), KEY, {}, {}, {}, "part")
     context = multiprocessing.get_context("fork")
     held, done = context.Event(), context.Event()
     holder = context.Process(target=_hold, args=(first.cache.lock(KEY).path, held, done))
@@ -72,11 +79,11 @@ def test_a_hit_does_not_wait_for_the_keys_lock(tmp_path):
     assert held.wait(10)
     outcome = []
     lookup = threading.Thread(target=lambda: outcome.append(
-        runner(tmp_path)._cached_call(slow_stage(tmp_path), KEY, {}, {}, {}, "part")))
+        runner(tmp_path)._cached_call(counted_stage(tmp_path), KEY, {}, {}, {}, "part")))
     lookup.start()
-    lookup.join(3)
-    waited = lookup.is_alive()
+    lookup.join(60)  # returns at once unless the hit waits: then only `done` would free it
+    finished_while_held = not lookup.is_alive() and not done.is_set()
     done.set()
     holder.join(10)
     lookup.join()
-    assert not waited and outcome[0][1] is True  # a hit, while another process held the lock
+    assert finished_while_held and outcome[0][1] is True  # a hit, while another process held the lock

@@ -11,6 +11,7 @@ import pytest
 from pipelines.html_report import plots, write_html
 from pipelines.matrix import collect
 from stages.runtimes.page import available, screenshot
+from tests.conftest import unavailable
 
 SUSPECT, KEPT_FLOAT, QUIET_LAYER = "blocks.2.conv", "head.fc", "blocks.0.act"
 LAYERS = [("stem", "Conv2d", 0.002), (QUIET_LAYER, "ReLU", 0.003), ("blocks.1.conv", "Conv2d", 0.004),
@@ -101,7 +102,7 @@ def test_matrix_html_is_self_contained_and_takes_rows_without_the_runtime_keys(t
 
 def test_matrix_html_in_chromium_shows_every_cell_and_why(tmp_path):
     if reason := available():
-        pytest.skip(f"headless Chromium unavailable: {reason}")
+        unavailable(f"headless Chromium unavailable: {reason}")
     rows = _rows(tmp_path)
     made = plots(rows, tmp_path)
     assert {p.name for p in made.values()} == {"matrix_size.png", "matrix_latency.png"}

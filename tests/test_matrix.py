@@ -14,7 +14,7 @@ import pytest
 
 from stages.size_audit import check_precision
 from tests.test_schemes import precision
-from tests.conftest import ROOT, TEST_CONF, NATIVE_ONLY
+from tests.conftest import NATIVE_ONLY, ROOT, TEST_CONF, unavailable
 from tests.test_end_to_end import eager_logits, run_artifact
 
 UPSTREAM = ("load_checkpoint", "clean_state_dict", "wrap", "calibrate")
@@ -87,7 +87,7 @@ def test_matrix_html_opens_in_chromium_with_every_cell(sweep, tmp_path):
     from stages.runtimes import page
 
     if reason := page.available():
-        pytest.skip(reason)
+        unavailable(reason)
     shot = page.screenshot(sweep / "matrix.html")
     (tmp_path / "matrix.png").write_bytes(shot.png)
     assert len(shot.png) > 20_000

@@ -15,18 +15,10 @@ import torch
 
 from models import digits, kws, text
 from models.audio_features import FEATURES, hz_to_mel, log_mel, mel_filterbank
+from tests.conftest import unavailable
 
 
-def _has_transformers() -> bool:
-    try:
-        return importlib.util.find_spec("transformers") is not None
-    except ValueError:  # in sys.modules as None: import blocked
-        return False
-
-
-needs_transformers = pytest.mark.skipif(
-    not _has_transformers(), reason="transformers is not installed (a test-only dependency: "
-    "pip install -r requirements-corpus.txt -c requirements.txt)")
+needs_transformers = pytest.mark.usefixtures("transformers_installed")
 
 
 # -- digits: PNG files ---------------------------------------------------------------------------
@@ -213,7 +205,8 @@ def test_the_tokenizer_loads_the_whole_vocabulary() -> None:
 def _ortx_session(**param):
     """A graph of onnxruntime-extensions' BertTokenizer step (PrePostProcessor) in front of an
     identity model: a sentence (string [1]) -> input_ids, attention_mask (int64 [1, T])."""
-    pytest.importorskip("onnxruntime_extensions")
+    if importlib.util.find_spec("onnxruntime_extensions") is None:
+        unavailable("onnxruntime-extensions is not installed (requirements.txt)")
     import onnx
     import onnxruntime as ort
     import onnxruntime_extensions
