@@ -23,6 +23,19 @@ needs_transformers = pytest.mark.usefixtures("transformers_installed")
 
 # -- digits: PNG files ---------------------------------------------------------------------------
 
+def test_the_kept_digits_split_is_scikit_learns() -> None:
+    """models/digits_split.npz holds the indices of scikit-learn's stratified split, which the
+    checkpoint was trained on: read without importing scikit-learn, the same arrays."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    expected = train_test_split((data.images / 16.0).astype(np.float32)[:, None], data.target.astype(np.int64),
+                                test_size=0.2, random_state=0, stratify=data.target)
+    for mine, theirs in zip(digits._split(), expected):
+        np.testing.assert_array_equal(mine, theirs)
+
+
 def test_pngs_decode_to_the_test_images() -> None:
     from PIL import Image
 
