@@ -214,6 +214,8 @@ class Runner:
         entry = None if fresh else self.cache.lookup(key)  # no lock: an entry in place is whole
         if entry is not None:
             return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
+        if self.isolate:  # a miss: its server imports while this job waits for the key's lock
+            isolation.start([self.root["format"]["name"]])
         with self.cache.lock(key):  # a miss: compute once, whoever waited here then hits
             entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
@@ -242,7 +244,7 @@ class Runner:
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
         try:
             if self.isolate:  # a server with the libraries of this cell's format (a run of hits starts none)
-                isolation.start([self.root["format"]["name"]])
+                isolation.start([self.root["format"]["name"]])  # (started already, unless the cache is off)
                 result, peak = isolation.call(stage.name, run_stage, stage.fn, ctx, self.run_dir,
                                               self.model_modules)
             else:
