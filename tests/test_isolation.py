@@ -13,6 +13,7 @@ import torch
 from pipelines.errors import PipelineError
 from stages import load_checkpoint
 from stages.support.state_dict_cleaning import KeysDoNotFit
+from tests.conftest import ROOT
 
 _HELD: list[bytes] = []
 HOG_MB = 300
@@ -102,3 +103,68 @@ def test_the_server_preloads_the_formats_a_process_needs(monkeypatch):
     isolation.start(["onnx"])  # already there: the same server
     isolation.start(["pte"])
     assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime", "executorch.exir"]
+
+
+def _pattern_graphs_built() -> int:
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
+
+    return bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize
+
+
+def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch):
+    """Its children inherit the graphs (4.3 s a lowering otherwise); a thread in the server when
+    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock."""
+    import subprocess
+    import sys
+    from multiprocessing import forkserver
+
+    from pipelines import isolation
+
+    forkserver._forkserver._stop()
+    monkeypatch.setattr(isolation, "_preloaded", None)
+    monkeypatch.delenv(isolation.SWEEP_DIR, raising=False)
+    isolation.start(["pte"])
+    assert isolation.call("probe", _pattern_graphs_built)[0] == 1
+    server = forkserver._forkserver._forkserver_pid
+    imported_only = subprocess.run(
+        [sys.executable, "-c", "import os, torch, torch._dynamo, executorch.exir, executorch.devtools, onnx; "
+         "print(len(os.listdir('/proc/self/task')))"], capture_output=True, text=True, check=True).stdout
+    assert len(os.listdir(f"/proc/{server}/task")) <= int(imported_only.split()[-1])
+
+
+SWEEP_JOB = """
+import json, os, sys
+from pipelines import isolation
+isolation.start(["onnx"])
+server = isolation.call("probe", os.getppid)[0]  # a stage process's parent: the server that forked it
+print(json.dumps({"server": server, "shared": isolation._shared is not None}), flush=True)
+sys.stdin.read()  # lives (and so does a server it started) until the test closes its stdin
+"""
+
+
+def test_the_jobs_of_a_sweep_share_one_server_and_outlive_it(tmp_path):
+    """The first job that computes starts the server and publishes it in the sweep dir; the next
+    job forks its stages from it; once the first job has gone, a job starts its own."""
+    import json
+    import subprocess
+    import sys
+
+    from pipelines import isolation
+
+    env = {**os.environ, isolation.SWEEP_DIR: str(tmp_path), isolation.SWEEP_FORMATS: "onnx"}
+
+    def job():
+        return subprocess.Popen([sys.executable, "-c", SWEEP_JOB], env=env, cwd=ROOT, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    first = job()
+    owner = json.loads(first.stdout.readline())
+    second = job()
+    guest = json.loads(second.stdout.readline())
+    second.communicate("")
+    assert (owner["shared"], guest["shared"]) == (False, True) and guest["server"] == owner["server"]
+    first.communicate("")
+    third = job()
+    alone = json.loads(third.stdout.readline())
+    third.communicate("")
+    assert not alone["shared"] and alone["server"] != owner["server"]
