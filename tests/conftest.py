@@ -37,6 +37,23 @@ def transformers_installed() -> None:
         unavailable("transformers is not installed (a test-only dependency: "
                     "pip install -r requirements-corpus.txt -c requirements.txt; make test does)")
 
+@pytest.fixture(scope="session", autouse=True)
+def one_stage_server() -> None:
+    """The whole suite forks its stages from one server with both formats, as the jobs of one
+    sweep do (pipelines/isolation.py SweepServer): the first test worker started owns it for the
+    session, the other workers and every `python run.py` a test starts use it (each paid 2-7 s
+    for a server of its own before)."""
+    import tempfile
+
+    from pipelines import isolation
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    place = Path(tempfile.gettempdir()) / f"pipeline-tests-{run}"
+    place.mkdir(exist_ok=True)
+    os.environ[isolation.SWEEP_DIR], os.environ[isolation.SWEEP_FORMATS] = str(place), "onnx,pte"
+    isolation.start([])
+
+
 # the tests of the pipeline run their target's devices natively only: emulated CPUs cost tens of
 # seconds a cell. tests/test_devices.py runs them, and tests of kernel numbers name a device
 # (tests/devices.py), so no verdict depends on the host's CPU either way.

@@ -98,6 +98,9 @@ def test_the_server_preloads_the_formats_a_process_needs(monkeypatch):
 
     forkserver._forkserver._stop()
     monkeypatch.setattr(isolation, "_preloaded", None)
+    monkeypatch.setattr(isolation, "_shared", None)
+    monkeypatch.delenv(isolation.SWEEP_DIR)  # not the suite's shared server (tests/conftest.py)
+    monkeypatch.delenv(isolation.SWEEP_FORMATS)
     isolation.start(["onnx"])
     assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime"]
     isolation.start(["onnx"])  # already there: the same server
@@ -122,7 +125,8 @@ def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_th
 
     forkserver._forkserver._stop()
     monkeypatch.setattr(isolation, "_preloaded", None)
-    monkeypatch.delenv(isolation.SWEEP_DIR, raising=False)
+    monkeypatch.setattr(isolation, "_shared", None)
+    monkeypatch.delenv(isolation.SWEEP_DIR)
     isolation.start(["pte"])
     assert isolation.call("probe", _pattern_graphs_built)[0] == 1
     server = forkserver._forkserver._forkserver_pid
@@ -151,7 +155,7 @@ def test_the_jobs_of_a_sweep_share_one_server_and_outlive_it(tmp_path):
 
     from pipelines import isolation
 
-    env = {**os.environ, isolation.SWEEP_DIR: str(tmp_path), isolation.SWEEP_FORMATS: "onnx"}
+    env = {**os.environ, isolation.SWEEP_DIR: str(tmp_path), isolation.SWEEP_FORMATS: "onnx"}  # its own
 
     def job():
         return subprocess.Popen([sys.executable, "-c", SWEEP_JOB], env=env, cwd=ROOT, text=True,
