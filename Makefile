@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup web-runtime device-runtimes corpus-deps demo web matrix bench scale corpus test test-all check-artifact \
+.PHONY: help setup web-runtime device-runtimes corpus-deps demo web matrix bench scale corpus test test-all cluster-test check-artifact \
         cache-list cache-prune clean
 
 help:  ## list the targets
@@ -62,6 +62,9 @@ test: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite (C
 
 test-all: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
 	$(PY) -m pytest -q $(PARALLEL) -m "slow or not slow"
+
+cluster-test: $(STAMP)  ## sweeps through a real one-node Slurm on localhost (installs slurm-wlm and munge; 95 s)
+	$(PY) -m pytest -q -m slow tests/test_slurm.py
 
 check-artifact: $(STAMP)  ## re-run an artifact's test cases: make check-artifact ARTIFACT=path [DEVICE=cortex-a76]
 	$(PY) -m pipelines.check_artifact $(ARTIFACT) $(if $(DEVICE),--device $(DEVICE))

@@ -76,7 +76,8 @@ def start(formats: Iterable[str] | None = None) -> None:
     if _preloaded is not None and wanted <= _preloaded:
         return
     wanted |= _preloaded or frozenset()
-    sweep = os.environ.get(SWEEP_DIR)
+    # a Slurm job's stages stay in its own process tree: its memory limit and scancel reach them
+    sweep = None if "SLURM_JOB_ID" in os.environ else os.environ.get(SWEEP_DIR)
     if not sweep:
         _own(wanted)
         return
