@@ -87,7 +87,7 @@ def test_a_decoder_generates_eagers_tokens_on_the_targets_devices(run_tiny, tmp_
                    model="tiny_decoder", checkpoint=write_decoder_checkpoint(tmp_path / "decoder.pt"))
     assert run.status == "pass", run.error
     on_device = run.result("verify_target")["devices"][device]
-    assert on_device["mode"] == mode and on_device["status"] == "pass", on_device["reason"]
+    assert on_device.get("mode") == mode and on_device["status"] == "pass", on_device.get("reason")
     generated, expected = on_device["generation"], run.result("verify")["generation"]
     assert generated["token_match"] == 1.0 and generated["prompts"] == 3 and generated["steps"] == 12
     assert [p["artifact"] for p in generated["per_prompt"]] == [p["eager"] for p in expected["per_prompt"]]
@@ -155,7 +155,7 @@ def test_the_zoo_generator_at_int4_generates_eagers_tokens_in_the_browser(tmp_pa
     assert (part / "verify_target.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
     assert "MatMulNBits" in {node.op_type for node in onnx.load(str(part / "model.onnx")).graph.node}
     browser = json.loads((part / "verify_target.json").read_text())["devices"]["chromium-wasm"]
-    assert browser["mode"] == "browser" and browser["passed"], browser.get("reason")
+    assert browser.get("mode") == "browser" and browser.get("passed"), browser.get("reason")
     assert browser["generation"]["token_match"] == 1.0 and browser["generation"]["prompts"] == 4
 
 
