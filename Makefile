@@ -44,7 +44,7 @@ web: $(STAMP) web-runtime  ## export the demo model to a .onnx verified natively
 matrix: $(STAMP) web-runtime device-runtimes  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report (matrix.html)
 	$(PY) run.py -m recipe=matrix
 
-bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, size ratios
+bench: $(STAMP) web-runtime  ## cold vs warm sweep, sweep vs single runs, cold cell vs a hand script, sizes
 	$(PY) -m pipelines.bench
 
 scale: $(STAMP) web-runtime  ## time, peak memory per stage and disk at 1M/10M/100M (BIG=1 adds 1B; FAMILY=generator: int4 LMs)

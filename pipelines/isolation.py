@@ -196,7 +196,6 @@ def _console_fd() -> int | None:
 def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | None]:
     """fn(*args) in a child process: its return value (or its PipelineError, raised here) and
     the child's peak resident memory in MiB."""
-    global _preloaded, _shared
     if _preloaded is None:
         start()
     receive, send = multiprocessing.Pipe(duplex=False)
@@ -209,8 +208,7 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
     except OSError:  # the sweep's server went with the job that started it: one of our own
         if not _shared:
             raise
-        libraries, _shared, _preloaded = _preloaded, None, None
-        _own(libraries)
+        _own(_preloaded)
         child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
         child.start()
     send.close()

@@ -204,18 +204,18 @@ class Runner:
 
     def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool, float | None]:
         """The stage's output, whether it was a hit, and the peak memory (MiB) of computing it."""
+        fresh = stage.name in self.refresh
+        entry = None if fresh or self.cache is None else self.cache.lookup(key)  # no lock: an entry in place is whole
+        if entry is not None:
+            return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
+        if self.isolate:  # a miss: a server with this cell's format (a run of hits starts none),
+            isolation.start([self.root["format"]["name"]])  # importing while this job waits for the lock
         if self.cache is None:
             workdir = self.run_dir / "work" / part / stage.name
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
             result, peak = self._call(stage, view, inputs, workdir, part)
             return StageOutput(key, workdir, result), False, peak
-        fresh = stage.name in self.refresh
-        entry = None if fresh else self.cache.lookup(key)  # no lock: an entry in place is whole
-        if entry is not None:
-            return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
-        if self.isolate:  # a miss: its server imports while this job waits for the key's lock
-            isolation.start([self.root["format"]["name"]])
         with self.cache.lock(key):  # a miss: compute once, whoever waited here then hits
             entry = None if fresh else self.cache.lookup(key)
             if entry is not None:
@@ -243,8 +243,7 @@ class Runner:
         its result and its peak resident memory."""
         ctx = StageContext(stage.name, OmegaConf.create(view), inputs, workdir, self.log)
         try:
-            if self.isolate:  # a server with the libraries of this cell's format (a run of hits starts none)
-                isolation.start([self.root["format"]["name"]])  # (started already, unless the cache is off)
+            if self.isolate:
                 result, peak = isolation.call(stage.name, run_stage, stage.fn, ctx, self.run_dir,
                                               self.model_modules)
             else:

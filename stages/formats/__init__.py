@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 
-
 @dataclass
 class Job:
     """What convert, quantize and lower get from their stage: inputs, config, where to write."""

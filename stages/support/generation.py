@@ -138,6 +138,7 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
             "token_match": 1 - len(differ) / len(tokens),
             "max_rel_until_divergence": max(compare(e, a)["max_rel"] for e, a in
                                             zip(until, actual_logits[: len(until)])),
+            "eager_min_margin_rel": min(_margin_rel(e) for e in logits),
             **(_parting(logits[first], actual_logits[first]) if first is not None else {}),
         })
     match = float(np.mean([r["token_match"] for r in results]))
@@ -162,7 +163,17 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
             "state_bytes": carried,
             "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
             "max_rel_until_divergence": drift,
+            # how near a tie eager came: a gap of its two best logits, of their largest value, below
+            # the runtimes' rounding (fp32: ~1e-6) lets any CPU's kernels pick the other token
+            "eager_min_margin_rel": min(r["eager_min_margin_rel"] for r in results),
             "per_prompt": results, "passed": not reason, "reason": reason}
+
+
+def _margin_rel(scores: np.ndarray) -> float:
+    """The gap between the two best logits of one step, of the largest |logit|."""
+    values = np.asarray(scores, np.float64).ravel()
+    top = np.sort(values)[-2:]
+    return float((top[1] - top[0]) / max(np.abs(values).max(), np.finfo(np.float32).tiny))
 
 
 def _parting(eager: np.ndarray, artifact: np.ndarray) -> dict[str, float]:
