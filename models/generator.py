@@ -8,10 +8,11 @@ a trained model, so a quantized artifact that changes a token is wrong, not unlu
 
 Token ids: values 0..VALUES-1, rules VALUES..VOCAB-1.
 
-forward(token (1, 1) int64, position (1,) int64) -> logits (1, VOCAB): one decode step. The
-keys and values of each layer sit in buffers `k_cache` / `v_cache` (1, heads, MAX_LEN, head
-width), written at `position` in place and read up to it (static shapes, a cache-position
-input): an .onnx takes and returns them as state, a .pte keeps them as mutable buffers.
+forward(token (1, T) int64, position (T,) int64) -> logits (1, VOCAB): one call of T tokens
+(a whole prompt: prefill; then one token a call: decode). The keys and values of each layer sit
+in buffers `k_cache` / `v_cache` (1, heads, MAX_LEN, head width), written at the positions in
+place and read up to each one (a static cache, a cache-position input): an .onnx takes and
+returns them as state, a .pte keeps them as mutable buffers.
 sequence(tokens (B, T)) -> logits (B, T, VOCAB): the same weights over whole sequences with a
 causal mask, for training. `python -m models.generator checkpoints/generator.pt` trains it.
 """
@@ -64,10 +65,12 @@ class Block(nn.Module):
         return self._attend(x, q, k, v, causal)
 
     def step(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """x (1, T, width) at `position` (T,): each token's keys and values written at its
+        position, each seeing the cache up to its own (T > 1: a prompt prefilled in one call)."""
         q, k, v = self._split(x)
         self.k_cache[:, :, position] = k
         self.v_cache[:, :, position] = v
-        visible = torch.arange(self.k_cache.shape[2]) <= position
+        visible = torch.arange(self.k_cache.shape[2])[None] <= position[:, None]
         return self._attend(x, q, self.k_cache, self.v_cache, visible)
 
 
@@ -80,10 +83,11 @@ class Generator(nn.Module):
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
 
     def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(token) + self.positions(position)[:, None]
+        """token (1, T) at position (T,) -> the logits (1, VOCAB) of the token after the last."""
+        x = self.tokens(token) + self.positions(position)[None]
         for block in self.blocks:
             x = block.step(x, position)
-        return self.head(self.norm(x))[:, 0]
+        return self.head(self.norm(x[:, -1]))
 
     def sequence(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1]))

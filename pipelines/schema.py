@@ -162,6 +162,9 @@ class GenerateConfig:
     token: str = MISSING  # the input that takes one token id a call
     logits: str = MISSING  # the output whose argmax (last axis) is the next token
     position: Optional[str] = None  # an input that takes the call's position (a cache position)
+    # the token (and position) input's dynamic axis takes the whole prompt in one call, which
+    # fills the cache (prefill); then a token a call. Else every call takes one token
+    prefill: bool = False
     steps: int = 24  # tokens generated after each prompt
     prompts: int = 4  # held-out prompts: seeded token ids in the token input's [low, high)
     prompt_length: int = 4
@@ -218,6 +221,9 @@ class ModelConfig:
     weights_key: Optional[str] = None
     clean: CleanConfig = field(default_factory=CleanConfig)
     parts: List[PartConfig] = MISSING
+    # model=graph (a .pt2/TorchScript file, no class): its input shapes, [[1, 1, 750]] or specs
+    # [{shape: [...], dtype: int64, dynamic: {0: batch}}]; null = as the file records them (.pt2)
+    inputs: Optional[List[Any]] = None
 
 
 @dataclass

@@ -12,8 +12,8 @@ from stages.support.generation import verify_generation
 VOCAB = 8
 IO = {"inputs": [{"name": "token", "shape": [1, 1], "dtype": "int64", "low": 0, "high": VOCAB}],
       "outputs": ["logits"], "state": [], "internal_state": []}
-CFG = OmegaConf.create({"token": "token", "logits": "logits", "position": None, "steps": 10, "prompts": 2,
-                        "prompt_length": 3, "seed": 0})
+CFG = OmegaConf.create({"token": "token", "logits": "logits", "position": None, "prefill": False, "steps": 10,
+                        "prompts": 2, "prompt_length": 3, "seed": 0})
 
 
 def counting(flip_at: int | None = None):
@@ -57,6 +57,50 @@ def test_an_input_that_is_not_token_position_or_state_is_refused():
     io = {**IO, "inputs": [*IO["inputs"], {"name": "mask", "shape": [1, 1], "dtype": "int64"}]}
     with pytest.raises(PipelineError, match="input mask is neither the token, the position nor a state"):
         verify_generation(CFG, tolerance(None), counting(), io, lambda: None, counting, io)
+
+
+def test_prefill_feeds_the_whole_prompt_in_one_call_then_a_token_a_call():
+    """generate.prefill: the prompt along the token input's dynamic axis with its positions, once;
+    the rate of prefill counts the prompt's tokens."""
+    io = {"inputs": [{"name": "token", "shape": [1, 1], "dtype": "int64", "low": 0, "high": VOCAB,
+                      "dynamic": {1: "length"}},
+                     {"name": "position", "shape": [1], "dtype": "int64", "dynamic": {0: "length"}}],
+          "outputs": ["logits"], "state": [], "internal_state": []}
+    cfg = OmegaConf.merge(CFG, {"position": "position", "prefill": True})
+    fed = []
+
+    def step(feed):
+        fed.append((feed["token"].tolist(), feed["position"].tolist()))
+        return counting()({"token": feed["token"][:, -1:]})
+
+    report = verify_generation(cfg, tolerance(None), step, io, lambda: None, lambda: step, io)
+    prompt = report["per_prompt"][0]["prompt"]
+    assert fed[0] == ([prompt], [0, 1, 2])  # eager's first call: the whole prompt
+    assert fed[1] == ([[(prompt[-1] + 1) % VOCAB]], [3])  # then its own choice, at the next position
+    assert len(fed) == 2 * 2 * 10  # eager and artifact, 2 prompts: one prefill + 9 decode calls each
+    assert report["passed"] and report["prefill"] and report["prefill_tokens_per_s"] > 0
+    with pytest.raises(PipelineError, match="input 'token' needs one dynamic axis"):
+        verify_generation(cfg, tolerance(None), counting(), {**io, "inputs": [{**io["inputs"][0], "dynamic": {}},
+                                                                              io["inputs"][1]]},
+                          lambda: None, counting, io)
+
+
+def test_the_zoo_generators_prefill_fills_the_cache_as_token_by_token_calls_do():
+    """One call of the whole prompt leaves the logits (and so the next token) that a call per
+    token does."""
+    import torch
+
+    from models.generator import Generator
+
+    torch.manual_seed(0)
+    model = Generator(width=32, heads=2, layers=2, max_len=8).eval()
+    prompt = torch.tensor([[25, 3, 4, 5]])
+    with torch.no_grad():
+        whole = model(prompt, torch.arange(4))
+        model.load_state_dict({k: torch.zeros_like(v) if "cache" in k else v for k, v in model.state_dict().items()})
+        for k in range(4):
+            one = model(prompt[:, k:k + 1], torch.tensor([k]))
+    torch.testing.assert_close(whole, one, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pte"])
@@ -154,11 +198,14 @@ def test_the_zoo_generator_at_int4_generates_eagers_tokens_in_the_browser(tmp_pa
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     part = run / "artifacts" / "decoder_step"
     assert (part / "verify_target.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
-    assert "MatMulNBits" in {node.op_type for node in onnx.load(str(part / "model.onnx")).graph.node}
+    graph = onnx.load(str(part / "model.onnx")).graph
+    assert "MatMulNBits" in {node.op_type for node in graph.node}
+    token = next(i for i in graph.input if i.name == "token")
+    assert token.type.tensor_type.shape.dim[1].dim_param  # the prompt's length: prefill in one call
     browser = json.loads((part / "verify_target.json").read_text())["devices"]["chromium-wasm"]
     assert browser.get("mode") == "browser" and browser.get("passed"), browser.get("reason")
     generated = browser["generation"]
-    assert generated["token_match"] == 1.0 and generated["prompts"] == 4
+    assert generated["token_match"] == 1.0 and generated["prompts"] == 4 and generated["prefill"]
     # why no CPU or browser can change that verdict: eager's two best logits stay apart by more than
     # twice the 4-bit error (measured 0.60 against 0.12 of the largest logit)
     assert generated["eager_min_margin_rel"] > 2 * generated["max_rel_until_divergence"]

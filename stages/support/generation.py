@@ -1,7 +1,7 @@
 """Generation: a decoder step run as an app runs it, and judged by the tokens it chooses.
 
-Each held-out prompt is fed one token a call, then the step's own greedy choice (the argmax of
-its logits) is fed back for `steps` calls, its state (KV cache, recurrent state) carried from
+Each held-out prompt is fed one token a call (or whole in one call, `prefill`), then the step's
+own greedy choice (the argmax of its logits) is fed back for `steps` calls, its state (KV cache, recurrent state) carried from
 call to call: through eager PyTorch and through the artifact's runtime, each from a fresh state.
 What is compared is what the app shows: the token sequences (how many match, the step where
 they first part), and the logits' error up to that step.
@@ -38,6 +38,22 @@ def check_inputs(cfg, io: Mapping[str, Any]) -> None:
         raise PipelineError(f"part.generate: input {', '.join(sorted(other))} is neither the token, the "
                             f"position nor a state the step returns", stage="verify",
                             fix="declare it as state (part.state: {input: output}) or as generate.position")
+    if cfg.prefill:
+        for spec in io["inputs"]:
+            if spec["name"] in (cfg.token, cfg.position) and len(spec.get("dynamic") or {}) != 1:
+                raise PipelineError(f"part.generate.prefill: input {spec['name']!r} needs one dynamic axis, the "
+                                    f"prompt's length, to take a whole prompt in one call", stage="verify",
+                                    fix=f"give it `dynamic: {{<axis>: length}}` (and `max`), or set "
+                                        f"part.generate.prefill=false")
+
+
+def _tokens(spec: Mapping[str, Any], values: list[int]) -> np.ndarray:
+    """`values` (one, or a prompt along the spec's dynamic axis) as the input `spec` takes them."""
+    dynamic = {int(axis) for axis in spec.get("dynamic") or {}}
+    shape = [len(values) if axis in dynamic else size for axis, size in enumerate(spec["shape"])]
+    if not dynamic:
+        return np.full(shape, values[0], NUMPY_DTYPES[spec["dtype"]])
+    return np.asarray(values, NUMPY_DTYPES[spec["dtype"]]).reshape(shape)
 
 
 def prompts(cfg, io: Mapping[str, Any]) -> list[list[int]]:
@@ -58,24 +74,26 @@ def prompts(cfg, io: Mapping[str, Any]) -> list[list[int]]:
 
 
 def greedy(step: Step, io: Mapping[str, Any], cfg, prompt: list[int],
-           seconds: list[float] | None = None) -> tuple[list[int], list[np.ndarray]]:
+           calls: list[tuple[int, float]] | None = None) -> tuple[list[int], list[np.ndarray]]:
     """The `cfg.steps` tokens the step chooses after the prompt, and the logits it chose them
-    from; `seconds` gets each call's wall time."""
+    from; `calls` gets each call's (tokens fed, wall time)."""
     specs = {s["name"]: s for s in io["inputs"]}
-    token_spec = specs[cfg.token]
     state, tokens, logits = initial_state(io), [], []
-    fed = list(prompt)
-    for position in range(len(prompt) + cfg.steps - 1):
-        feed = {**state, cfg.token: np.full(token_spec["shape"], fed[position], NUMPY_DTYPES[token_spec["dtype"]])}
+    fed, position = list(prompt), 0
+    while len(tokens) < cfg.steps:
+        # the prompt whole (prefill), else a token a call
+        count = len(prompt) if cfg.prefill and position == 0 else 1
+        positions = list(range(position, position + count))
+        feed = {**state, cfg.token: _tokens(specs[cfg.token], fed[position: position + count])}
         if cfg.position is not None:
-            spec = specs[cfg.position]
-            feed[cfg.position] = np.full(spec["shape"], position, NUMPY_DTYPES[spec["dtype"]])
+            feed[cfg.position] = _tokens(specs[cfg.position], positions)
         started = time.perf_counter()
         outputs = dict(zip(io["outputs"], step(feed)))
-        if seconds is not None:
-            seconds.append(time.perf_counter() - started)
+        if calls is not None:
+            calls.append((count, time.perf_counter() - started))
         state = {s["input"]: outputs[s["output"]] for s in io["state"]}
-        if position >= len(prompt) - 1:  # the prompt's last token on: each call chooses the next
+        position += count
+        if position >= len(prompt):  # the prompt's last token on: each call chooses the next
             # a copy: a runtime may hand back the same output buffer at every call
             scores = np.array(outputs[cfg.logits].reshape(-1, outputs[cfg.logits].shape[-1])[-1])
             logits.append(scores)
@@ -126,10 +144,12 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
     results, prefill, decode = [], [], []
     for record in expected:
         prompt, tokens, logits = record["prompt"], record["tokens"], record["logits"]
-        calls: list[float] = []
+        calls: list[tuple[int, float]] = []
         actual, actual_logits = greedy(artifact(), io, cfg, prompt, calls)
-        prefill += calls[: len(prompt) - 1]  # the prompt's calls before the last, which chooses
-        decode += calls[len(prompt) - 1:]
+        # prefill: the prompt's calls (but the last of one-token calls: it chooses, as decode's do)
+        split = 1 if cfg.prefill else len(prompt) - 1
+        prefill += calls[:split]
+        decode += calls[split:]
         differ = [k for k, (e, a) in enumerate(zip(tokens, actual)) if e != a]
         first = differ[0] if differ else None
         until = logits[: first + 1 if first is not None else None]  # the calls fed the same tokens
@@ -157,9 +177,9 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
                   f"of their largest value off eager until then; there eager's top two were "
                   f"{worst['eager_margin']:.2g} apart and the artifact's logits {worst['max_abs_there']:.2g} off)")
     return {"prompts": len(results), "steps": cfg.steps, "token_match": match,
-            # one token a call, timed in this verification (make bench times the artifact properly)
-            "prefill_tokens_per_s": len(prefill) / sum(prefill) if prefill and sum(prefill) else None,
-            "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) else None,
+            # timed in this verification (make bench times the artifact properly)
+            "prefill_tokens_per_s": _rate(prefill), "decode_tokens_per_s": _rate(decode),
+            "prefill": bool(cfg.prefill),
             "state_bytes": carried,
             "first_divergence": min((r["first_divergence"] for _, r in diverged), default=None),
             "max_rel_until_divergence": drift,
@@ -167,6 +187,12 @@ def judge_generation(cfg, tolerance, expected: list[dict[str, Any]], artifact: C
             # the runtimes' rounding (fp32: ~1e-6) lets any CPU's kernels pick the other token
             "eager_min_margin_rel": min(r["eager_min_margin_rel"] for r in results),
             "per_prompt": results, "passed": not reason, "reason": reason}
+
+
+def _rate(calls: list[tuple[int, float]]) -> float | None:
+    """Tokens per second over (tokens, seconds) calls."""
+    seconds = sum(s for _, s in calls)
+    return sum(n for n, _ in calls) / seconds if seconds else None
 
 
 def _margin_rel(scores: np.ndarray) -> float:
