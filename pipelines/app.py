@@ -9,7 +9,7 @@ from typing import Any
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import logs, report
 from .errors import PipelineError, root_cause
@@ -25,6 +25,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
              root["precision"]["name"], root["format"]["name"], _relative(run_dir))
     try:
+        if not root["model"]["parts"] or root["model"].get("inputs") is not None:
+            root = _graph_part(cfg, root)
         ensure_checkpoint(root["model"], list(hydra.overrides.task), Path(root["cache"]["dir"]), log)
         import stages  # noqa: F401  registers the stages; light, no torch
         from stages.formats.schemes import check
@@ -47,6 +49,24 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     logs.console().write("\n" + report.summary_table(result) + "\n")
     log.info("report: %s", _relative(run_dir / "report.json"))
     return result
+
+
+def _graph_part(cfg: DictConfig, root: dict[str, Any]) -> dict[str, Any]:
+    """model=graph: the one part read from the checkpoint's own graph, set in `cfg`; the
+    resolved root again."""
+    if root["model"]["parts"]:
+        raise PipelineError("model.inputs is set, but the model entry declares its parts: model.inputs is for "
+                            "model=graph, whose part is read from the file", stage="load_checkpoint",
+                            fix="declare the input shapes in the entry's parts, or use model=graph")
+    from stages.support.graph_files import graph_part
+
+    with logs.libraries_to_log():
+        part = graph_part(root["model"])
+    from .schema import PartConfig
+
+    with open_dict(cfg):
+        cfg.model.parts = [OmegaConf.merge(OmegaConf.structured(PartConfig), part)]
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def ensure_checkpoint(model: dict[str, Any], overrides: list[str], cache_dir: Path, log) -> None:

@@ -22,11 +22,17 @@ SETTLED_NS = 2 * 10**9
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """A file passed on (into a run's artifacts, to the next stage) without duplicating its bytes
-    where the filesystem allows a hard link."""
+    where the filesystem allows a hard link; a `dst` already there (a sweep run again into its
+    directory) is replaced, never half-written."""
+    dst = Path(dst)
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # its link already (a rename onto it would leave the new link behind)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
     try:
-        os.link(src, dst)
+        os.link(src, tmp)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 class Digests:

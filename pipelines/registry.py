@@ -33,6 +33,13 @@ class StageContext:
         return self.inputs[stage]
 
 
+def plain(node: Any) -> Any:
+    """A config node (DictConfig, ListConfig) as plain dicts and lists, resolved."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from pipelines.errors import PipelineError
-from pipelines.registry import StageContext, stage
+from pipelines.registry import StageContext, plain, stage
 
 
 @stage("clean_state_dict", needs=("load_checkpoint",),
@@ -23,15 +23,16 @@ def run(ctx: StageContext) -> dict:
     if loaded.result["has_program"]:
         return _program_passes_through(ctx, loaded)
     if loaded.result["kind"] == "torchscript" and not (ctx.cfg.model.arch or ctx.cfg.model.factory):
-        raise PipelineError("the checkpoint is a TorchScript archive: torch.export cannot "
-                            "re-export a scripted graph, so its weights need the architecture "
-                            "they belong to",
-                            fix="set model.arch._target_ (with its arguments) to the model's class")
+        raise PipelineError("the checkpoint is a TorchScript archive and the model entry names no "
+                            "architecture for its weights",
+                            fix="export its own graph: model=graph model.checkpoint=<file> "
+                                "'model.inputs=[[<its input shape>]]' (torch's TS2EPConverter), or set "
+                                "model.arch._target_ (with its arguments) to the model's class")
     expected = expected_state(ctx.cfg.model, loaded.result["config"])
     state, source = _weights(loaded, expected)
     ema_path = loaded.dir / "ema_state_dict.pt"
     ema = torch.load(ema_path, map_location="cpu", weights_only=True, mmap=True) if ema_path.exists() else None
-    options = CleanOptions(**{k: v for k, v in _plain(ctx.cfg.model.clean).items()})
+    options = CleanOptions(**{k: v for k, v in plain(ctx.cfg.model.clean).items()})
     try:
         cleaned, report = clean_state_dict(state, expected, options, ema_state_dict=ema)
     except KeysDoNotFit as exc:  # the runner keeps a failed stage's artifacts in the run dir
@@ -94,9 +95,3 @@ def _program_passes_through(ctx: StageContext, loaded) -> dict:
 
 def _write_report(ctx: StageContext, report: dict) -> None:
     (ctx.workdir / "key_report.json").write_text(json.dumps(report, indent=1, default=str))
-
-
-def _plain(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.registry import StageContext, stage
+from pipelines.registry import StageContext, plain, stage
 
 
-@stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle", "model.weights_key"),
+@stage("load_checkpoint", config=("model.checkpoint", "model.allow_pickle", "model.weights_key", "model.inputs"),
        reads=lambda view: [view["model"]["checkpoint"]])
 def run(ctx: StageContext) -> dict:
     import torch
@@ -17,6 +17,11 @@ def run(ctx: StageContext) -> dict:
     path = Path(ctx.cfg.model.checkpoint)
     loaded = load_checkpoint_file(path, allow_pickle=ctx.cfg.model.allow_pickle,
                                   weights_key=ctx.cfg.model.weights_key)
+    if loaded.kind == "torchscript" and ctx.cfg.model.inputs is not None:  # model=graph
+        from .support.graph_files import torchscript_program
+
+        loaded.program = torchscript_program(loaded, plain(ctx.cfg.model.inputs), path.name)
+        loaded.notes.append("converted to an ExportedProgram by torch._export.converter.TS2EPConverter")
     candidates = []
     for index, (where, tensors) in enumerate(loaded.candidates.items()):
         torch.save(tensors, ctx.workdir / f"candidate_{index}.pt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from pipelines.errors import PipelineError
-from pipelines.registry import StageContext, stage
+from pipelines.registry import StageContext, plain, stage
 
 
 @stage("wrap", needs=("load_checkpoint", "clean_state_dict"),
@@ -46,17 +46,17 @@ def run(ctx: StageContext) -> dict:
                             f"{len(part.outputs)} outputs {list(part.outputs)}",
                             fix="list one output name per returned tensor in the part's outputs")
     torch.export.save(program, ctx.workdir / "program.pt2")
-    plain = _plain(specs)
+    spec_dicts = [plain(spec) for spec in specs]
     buffers = mutated_buffers(program)
-    io = {"inputs": plain, "outputs": list(part.outputs), "state": _declared_state(part, plain),
+    io = {"inputs": spec_dicts, "outputs": list(part.outputs), "state": _declared_state(part, spec_dicts),
           "internal_state": buffers}
     _write_io(ctx.workdir, io)
     if buffers:
-        lifted, state_specs, state = lift(module, buffers, plain, ctx.cfg.wrap.strict_export)
+        lifted, state_specs, state = lift(module, buffers, spec_dicts, ctx.cfg.wrap.strict_export)
         (ctx.workdir / STATE_IO).mkdir()
         torch.export.save(lifted, ctx.workdir / STATE_IO / "program.pt2")
         _write_io(ctx.workdir / STATE_IO, {
-            "inputs": plain + state_specs, "outputs": io["outputs"] + [s["output"] for s in state],
+            "inputs": spec_dicts + state_specs, "outputs": io["outputs"] + [s["output"] for s in state],
             "state": io["state"] + state, "internal_state": []})
     params = sum(t.numel() for t in used_tensors(program, leave_out=set(buffers)) if t.is_floating_point())
     (ctx.workdir / "modules.json").write_text(json.dumps(_modules(module), indent=1))
@@ -92,9 +92,3 @@ def _declared_state(part, specs: list[dict]) -> list[dict]:
         state.append({"input": source, "output": target, "shape": spec["shape"],
                       "dtype": spec["dtype"], "initial": "zeros"})
     return state
-
-
-def _plain(specs) -> list[dict]:
-    from omegaconf import OmegaConf
-
-    return [OmegaConf.to_container(s, resolve=True) for s in specs]

@@ -322,3 +322,18 @@ def test_a_real_full_disk_leaves_nothing(run_tiny, tiny_disk, pinned):
             os.write(filler, b"\0" * 4096)
     os.close(filler)
     assert_left_nothing(run_tiny(cache=tiny_disk / "cache"), tiny_disk / "cache")
+
+
+def test_passing_a_file_on_replaces_one_already_there(tmp_path):
+    """A sweep run again into its directory links the same cached plot over its own link."""
+    from pipelines.digests import link_or_copy
+
+    source, target = tmp_path / "plot.png", tmp_path / "sweep" / "plot.png"
+    source.write_bytes(b"new")
+    target.parent.mkdir()
+    link_or_copy(source, target)
+    link_or_copy(source, target)  # the same file again: was shutil.SameFileError
+    assert target.read_bytes() == b"new" and os.path.samefile(source, target)
+    (tmp_path / "other.png").write_bytes(b"other")
+    link_or_copy(tmp_path / "other.png", target)
+    assert target.read_bytes() == b"other" and sorted(p.name for p in target.parent.iterdir()) == ["plot.png"]

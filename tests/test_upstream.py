@@ -835,3 +835,60 @@ def test_a_causal_lm_step_writes_its_cache_as_the_programs_buffers():
         for position, token in enumerate(tokens):
             logits = decoded(torch.tensor([[token]]), torch.tensor([position]))
             assert torch.allclose(logits[0], whole[position], atol=1e-5), position
+
+
+def _reloaded(program):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def _converted_script():
+    """A scripted module, saved and loaded as a user's file is (torch.jit.load), converted."""
+    import io
+
+    import torch
+    from torch._export.converter import TS2EPConverter
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU())), buffer)
+    buffer.seek(0)
+    return TS2EPConverter(torch.jit.load(buffer), (torch.rand(2, 6),)).convert()
+
+
+def test_torchscript_converter_still_saves_weights_that_reload_without_deepcopy():
+    """torch 2.13: TS2EPConverter lifts the parameters as buffers that require grad; reloaded,
+    they are non-leaf views that copy.deepcopy (ExecuTorch's lowering) refuses."""
+    import copy
+
+    from torch.export.graph_signature import InputKind
+
+    program = _converted_script()
+    assert {spec.kind for spec in program.graph_signature.input_specs if spec.target} == {InputKind.BUFFER}
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(_reloaded(program).module())
+
+
+def test_converted_programs_reload_with_parameters_that_deep_copy(tmp_path):
+    """(that INT8 then quantizes them as weights: tests/test_graph_files.py's six cells)"""
+    import copy
+
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    from stages.support.checkpoint_formats import load_checkpoint_file
+    from stages.upstream.torch_export import without_grad
+
+    program = _converted_script()
+    x = torch.rand(2, 6)
+    expected = program.module()(x)
+    fixed = _reloaded(without_grad(program))
+    assert {spec.kind for spec in fixed.graph_signature.input_specs if spec.target} == {InputKind.PARAMETER}
+    torch.testing.assert_close(copy.deepcopy(fixed.module())(x), expected)
+    torch.export.save(_converted_script(), tmp_path / "user.pt2")  # a user's own save of the converter's program
+    copy.deepcopy(load_checkpoint_file(tmp_path / "user.pt2").program.module())

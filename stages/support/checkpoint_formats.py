@@ -66,6 +66,7 @@ class LoadedCheckpoint:
     config: dict | None = None
     ema_state_dict: dict[str, torch.Tensor] | None = None
     program: torch.export.ExportedProgram | None = None
+    script: torch.jit.ScriptModule | None = None  # a TorchScript archive's module (its graph and code)
     notes: list[str] = field(default_factory=list)
     weights_path: str = ""  # where the weights sat in the file, dotted ("" = the file's own top level)
     # several nested tensor dicts could be the weights and no known key says which: path -> tensors,
@@ -203,10 +204,8 @@ def _load_torchscript(path: Path) -> LoadedCheckpoint:
     notes = [
         "TorchScript archive: deserialized with torch.jit.load (TorchScript code, not Python pickle)",
         f"weights: the scripted module's state_dict() ({len(state_dict)} tensors)",
-        "TorchScript cannot be re-exported with torch.export: "
-        "the weights are loaded into the architecture the recipe names",
     ]
-    return LoadedCheckpoint("torchscript", state_dict, notes=notes)
+    return LoadedCheckpoint("torchscript", state_dict, script=module, notes=notes)
 
 
 def _load_exported_program(path: Path) -> LoadedCheckpoint:
@@ -214,9 +213,12 @@ def _load_exported_program(path: Path) -> LoadedCheckpoint:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise PipelineError(f"cannot load torch.export program {path}: {_first_line(exc)}", fix=REDOWNLOAD_FIX) from exc
-    state_dict = dict(program.state_dict)
+    from ..upstream.torch_export import without_grad
+
+    state_dict = dict(without_grad(program).state_dict)
     notes = [f"ExportedProgram (torch.export.load); weights: program.state_dict ({len(state_dict)} tensors)"]
     return LoadedCheckpoint("exported_program", state_dict, program=program, notes=notes)
+
 
 
 def _pt2_unsafe_globals(path: Path) -> list[str]:

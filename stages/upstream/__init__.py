@@ -11,6 +11,9 @@ without it: when a pin moves and that test starts failing, the workaround can go
                     dynamic batch pinned by the edge IR validator on list-returning ops
     torchvision.py  PyPI's CUDA torchvision beside the CPU torch fails to import (and so every
                     transformers model)
+    torch_export.py TS2EPConverter lifts TorchScript's parameters as buffers that require grad: a
+                    saved program reloads them as non-leaf views (no deepcopy: lowering fails)
+                    that INT8 does not quantize as weights
     transformers.py its static-cache export wrapper leaves the KV cache as constants (no state,
                     and decomposing the program fails): a causal LM decode step whose cache is
                     the program's buffers
