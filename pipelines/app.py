@@ -9,10 +9,12 @@ from typing import Any
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import logs, report
 from .errors import PipelineError, root_cause
+from .events import Events
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -22,6 +24,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(hydra.runtime.output_dir)
     log = logs.setup(run_dir / "run.log")
     root = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    events = Events(run_dir, Path(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None)
+    events.emit("job_start", recipe=root["recipe"], model=root["model"]["name"],
+                precision=root["precision"]["name"], format=root["format"]["name"], run_dir=str(run_dir))
     log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
              root["precision"]["name"], root["format"]["name"], _relative(run_dir))
     try:
@@ -35,15 +40,18 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
         check(root)
 
-        runs = Runner(cfg, run_dir, log).run()
+        runs = Runner(cfg, run_dir, log, events).run()
     except PipelineError as exc:
         log.error("error: %s", exc)
         result = {"recipe": root["recipe"], "model": root["model"]["name"],
                   "precision": root["precision"]["name"], "format": root["format"]["name"],
                   "status": "fail", "error": str(exc), "parts": [], "run_dir": str(run_dir)}
         _write(run_dir / "report.json", result)
+        events.emit("job_end", status="fail", seconds=round(time.monotonic() - started, 3), error=str(exc))
         return result
     result = report.run_report(root, runs, run_dir, time.monotonic() - started)
+    events.emit("job_end", status=result["status"], seconds=result["seconds"],
+                error="; ".join(p["error"] for p in result["parts"] if p.get("error")) or None)
     _write(run_dir / "report.json", result)
     _write(run_dir / "manifest.json", report.manifest(root, runs, run_dir, list(hydra.overrides.task)))
     logs.console().write("\n" + report.summary_table(result) + "\n")

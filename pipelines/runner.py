@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from . import isolation, logs, memory
 from .cache import Cache, compute_key
 from .errors import PipelineError, root_cause
+from .events import Events
 from .registry import STAGES, Stage, StageContext, StageOutput
 from .code_graph import code_version, module_file
 from .digests import Digests, sha256
@@ -134,10 +135,11 @@ def recorded_failure(record: dict[str, Any]) -> PipelineError:
 class Runner:
     """Runs the chain for every part of the configured model and records what happened."""
 
-    def __init__(self, cfg, run_dir: Path, log: logging.Logger):
+    def __init__(self, cfg, run_dir: Path, log: logging.Logger, events: Events | None = None):
         self.root = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.run_dir = run_dir
         self.log = log
+        self.events = events or Events(run_dir)
         cache_cfg = self.root["cache"]
         self.cache = Cache(Path(cache_cfg["dir"]), cache_cfg["verify"]) if cache_cfg["enabled"] else None
         self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
@@ -156,7 +158,7 @@ class Runner:
         run = PartRun(part["name"])
         root = {**self.root, "part": part}
         run.float_layers = list(root["quantize"]["keep_float"])
-        self.log.info("%s:", part["name"])
+        self.log.info("%s:", " ".join(filter(None, [self.events.prefix(), part["name"]])))
         index = 0
         while index < len(CHAIN):
             name = CHAIN[index]
@@ -167,14 +169,16 @@ class Runner:
                     raise PipelineError(verdict["reason"], stage=name)
             except PipelineError as exc:
                 exc.stage = exc.stage or name
+                self.events.emit("stage_error", part=part["name"], stage=exc.stage, error=str(exc))
                 if run.status != "fail" and repair(root, run, name, exc, self.log):
                     index = CHAIN.index("quantize")  # rebuild from quantize (pipelines/repair.py)
                     continue
                 if run.status != "fail":
                     run.status, run.error = "fail", str(exc)
                 if name not in run.outputs or name == CHAIN[-1]:
-                    return run  # nothing to go on with; a judged artifact still gets its audit
+                    break  # nothing to go on with; a judged artifact still gets its audit
             index += 1
+        self.events.emit("part_end", part=part["name"], status=run.status)
         return run
 
     def _run_stage(self, stage: Stage, root: dict[str, Any], run: PartRun) -> None:
@@ -192,6 +196,7 @@ class Runner:
         }
         key = compute_key(material)
         inputs = {need: run.outputs[need] for need in needs}
+        self.events.emit("stage_start", part=run.part, stage=stage.name)
         started = time.monotonic()
         output, hit, peak = self._cached_call(stage, key, material, view, inputs, run.part)
         seconds = time.monotonic() - started
@@ -199,8 +204,11 @@ class Runner:
         run.records.append(StageRecord(stage.name, key, hit, seconds, output.result,
                                        material["files"], peak))
         run.artifact_digests.update(self._copy_artifacts(stage, output.dir, run.part, output.digests))
-        self.log.info("  %-17s %-4s %6.2fs  %s", stage.name, "hit" if hit else "run", seconds,
-                      output.result.get("summary", ""))
+        summary = output.result.get("summary", "")
+        self.events.emit("stage_end", part=run.part, stage=stage.name, hit=hit, seconds=round(seconds, 3),
+                         peak_mb=None if peak is None else round(peak, 1), summary=summary)
+        prefix = self.events.prefix()  # a sweep's jobs interleave: each line says whose, and how far
+        self.log.info("%s  %-17s %-4s %6.2fs  %s", prefix, stage.name, "hit" if hit else "run", seconds, summary)
 
     def _cached_call(self, stage, key, material, view, inputs, part) -> tuple[StageOutput, bool, float | None]:
         """The stage's output, whether it was a hit, and the peak memory (MiB) of computing it."""

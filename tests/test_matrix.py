@@ -34,7 +34,31 @@ def sweep(tmp_path_factory, demo_checkpoint) -> Path:
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stdout
+    (root / "console.txt").write_text(result.stdout)
     return root / "sweep"
+
+
+def test_the_sweep_streams_its_events_and_its_console_lines_say_how_far_it_is(sweep):
+    """events.jsonl (pipelines/events.py) in the sweep and in each cell: the sweep's size, each
+    job's start and end, every stage's start and end with hit, seconds and peak memory."""
+    from pipelines.events import progress, read
+
+    events = read(sweep / "events.jsonl")
+    assert events[0]["event"] == "sweep_start" and events[0]["jobs"] == 6
+    ends = {e["cell"]: e for e in events if e["event"] == "job_end"}
+    assert sorted(ends) == sorted(p.name for p in sweep.glob("digits_cnn_*")) and len(ends) == 6
+    assert all(e["status"] == "pass" for e in ends.values())
+    stage_ends = [e for e in events if e["event"] == "stage_end"]
+    assert {e["stage"] for e in stage_ends} >= {"load_checkpoint", "lower", "verify", "size_audit"}
+    assert any(e["hit"] for e in stage_ends) and any(e["peak_mb"] for e in stage_ends if not e["hit"])
+    assert len([e for e in events if e["event"] == "stage_start"]) == len(stage_ends)
+    done = progress(events)
+    assert (done["jobs"], done["done"], done["failed"], done["running"]) == (6, 6, 0, {})
+    cell = read(sweep / "digits_cnn_int8_onnx" / "events.jsonl")  # a cell's own stream: only its events
+    assert {e["cell"] for e in cell} == {"digits_cnn_int8_onnx"} and cell[-1]["event"] == "job_end"
+    console = (sweep.parent / "console.txt").read_text()
+    assert "[0/6 done" in console and "[5/6 done" in console  # each stage line: cells done of all, elapsed
+    assert "digits_cnn_int8_pte  lower" in console  # and whose line it is
 
 
 def test_the_sweep_builds_six_verified_cells_and_one_report(sweep):

@@ -2,6 +2,7 @@
 in the hydra_plugins namespace; conf/config.yaml selects this one: hydra/sweeper=covering)."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -28,7 +29,9 @@ class CoveringSweeper(BasicSweeper):
     composes the first job whole (a mistyped key or value given to every job fails there), and
     for the jobs that bring the other swept values only their defaults lists (a group option
     that does not exist, `precision=nope`, fails there): before anything runs, as before, at
-    about half the cost. A swept value of the wrong type for a key fails in its own job."""
+    about half the cost. A swept value of the wrong type for a key fails in its own job. Once
+    the first batch composes, the sweep's start and number of cells go to its event stream
+    (pipelines/events.py), for the progress its jobs show."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         jobs = covering_jobs(batch)
@@ -38,6 +41,11 @@ class CoveringSweeper(BasicSweeper):
         for overrides in jobs[1:]:
             loader.compute_defaults_list(self.config.hydra.job.config_name, common + list(overrides),
                                          RunMode.RUN)
+        if self.batch_index == 1:  # the first batch composes: the sweep starts, with its size
+            from pipelines.events import EVENTS, append
+
+            append(Path(self.config.hydra.sweep.dir) / EVENTS, "sweep_start",
+                   jobs=sum(len(batch) for batch in self.overrides))
 
 
 @dataclass
