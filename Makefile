@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup web-runtime device-runtimes corpus-deps demo web matrix bench scale corpus test test-all cluster-test check-artifact \
+.PHONY: help setup web-runtime device-runtimes corpus-deps ui-deps demo web ui matrix bench scale corpus test test-all cluster-test check-artifact \
         cache-list cache-prune clean
 
 help:  ## list the targets
@@ -35,11 +35,28 @@ $(CORPUS_STAMP): $(STAMP) requirements-corpus.txt
 
 corpus-deps: $(CORPUS_STAMP)  ## transformers & co. (requirements-corpus.txt), for the corpus and text_bert
 
+UI_STAMP := $(VENV)/.ui-installed
+$(UI_STAMP): $(STAMP) requirements-ui.txt
+	$(PY) -m pip install --quiet -r requirements-ui.txt -c requirements.txt
+	touch $(UI_STAMP)
+
+ui-deps: $(UI_STAMP)  ## FastAPI + uvicorn for the export panel
+
+UI_TEST_STAMP := $(VENV)/.ui-test-installed
+$(UI_TEST_STAMP): $(UI_STAMP) requirements-ui-test.txt
+	# test-only: Playwright, driving Debian's Chromium (no browser download)
+	$(PY) -m pip install --quiet -r requirements-ui-test.txt -c requirements.txt
+	touch $(UI_TEST_STAMP)
+
 demo: $(STAMP) device-runtimes  ## export the demo model to a verified .pte (recipe android_dev)
 	$(PY) run.py recipe=android_dev
 
 web: $(STAMP) web-runtime  ## export the demo model to a .onnx verified natively and in Chromium (web_dev)
 	$(PY) run.py recipe=web_dev
+
+PORT ?= 8765
+ui: $(UI_STAMP) web-runtime device-runtimes  ## the export panel on http://127.0.0.1:$(PORT)/ (PORT=..., FOLDERS="checkpoints ~/models")
+	$(PY) -m pipelines.ui --port $(PORT) $(if $(FOLDERS),--folders $(FOLDERS))
 
 matrix: $(STAMP) web-runtime device-runtimes  ## FP32/FP16/INT8 x ONNX/PTE on the demo model, one report (matrix.html)
 	$(PY) run.py -m recipe=matrix
@@ -57,10 +74,10 @@ corpus: $(CORPUS_STAMP)  ## 24 real architectures x the six cells, the cell tabl
 
 PARALLEL := -n auto --maxprocesses=4 --dist loadfile  # a file's tests share one worker (module fixtures)
 
-test: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite (CI runs this; installs its test-only deps)
+test: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP) $(UI_TEST_STAMP)  ## the test suite (CI runs this; installs its test-only deps)
 	$(PY) -m pytest -q $(PARALLEL) --durations=10
 
-test-all: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP)  ## the test suite including the slow tier (the corpus)
+test-all: $(STAMP) web-runtime device-runtimes $(CORPUS_STAMP) $(UI_TEST_STAMP)  ## the test suite including the slow tier (the corpus)
 	$(PY) -m pytest -q $(PARALLEL) -m "slow or not slow"
 
 cluster-test: $(STAMP)  ## sweeps through a real one-node Slurm on localhost (installs slurm-wlm and munge; 95 s)
