@@ -892,3 +892,49 @@ def test_converted_programs_reload_with_parameters_that_deep_copy(tmp_path):
     torch.testing.assert_close(copy.deepcopy(fixed.module())(x), expected)
     torch.export.save(_converted_script(), tmp_path / "user.pt2")  # a user's own save of the converter's program
     copy.deepcopy(load_checkpoint_file(tmp_path / "user.pt2").program.module())
+
+
+def _lower_linear(path, folder=None):
+    """A 2-layer MLP (a 2 MiB weight) lowered to XNNPACK and written to `path`; with `folder`,
+    through file_backed_constants. Returns the types of the blobs the delegate's store held."""
+    import contextlib
+
+    import torch
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    from stages.upstream.executorch import file_backed_constants, xnnpack_partitioner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 8)).eval()
+    program = torch.export.export(model, (torch.rand(1, 512),))
+    held = []
+    merge = NamedDataStore.merge_named_data_store
+
+    def spy(self, other):
+        held.extend(type(b).__name__ for b in other.buffers)
+        return merge(self, other)
+
+    NamedDataStore.merge_named_data_store = spy
+    try:
+        with file_backed_constants(folder) if folder else contextlib.nullcontext():
+            lowered = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()]).to_executorch()
+            with open(path, "wb") as out:
+                lowered.write_to_file(out)
+    finally:
+        NamedDataStore.merge_named_data_store = merge
+    return held
+
+
+def test_xnnpack_still_holds_a_copy_of_every_weight_in_memory_while_lowering(tmp_path):
+    """executorch 1.5.1: node_visitor.py:646 hands its NamedDataStore `bytes(array)`."""
+    held = _lower_linear(tmp_path / "plain.pte")
+    assert "bytes" in held and "FileBackedData" not in held
+
+
+def test_lowered_weights_wait_in_files_and_the_pte_is_byte_for_byte_the_same(tmp_path):
+    held = _lower_linear(tmp_path / "filed.pte", tmp_path / "constants")
+    assert held.count("FileBackedData") == 1 and "bytes" in held  # the 2 MiB weight; the small ones stay bytes
+    assert not (tmp_path / "constants").exists()  # the files go once the .pte is written
+    _lower_linear(tmp_path / "plain.pte")
+    assert (tmp_path / "filed.pte").read_bytes() == (tmp_path / "plain.pte").read_bytes()

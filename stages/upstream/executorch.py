@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import shutil
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -57,6 +61,44 @@ def conv_backends_off() -> Iterator[None]:
     """
     with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
         yield
+
+
+FILE_BACKED_MIN_BYTES = 1 << 20  # smaller constants stay in memory: a file each would cost more
+
+
+@contextlib.contextmanager
+def file_backed_constants(folder: Path) -> Iterator[None]:
+    """Lower with the XNNPACK delegate's constants kept in files under `folder`, not in memory.
+
+    executorch 1.5.1: XNNPACK's NodeVisitor serializes every weight as `bytes(array)` into its
+    NamedDataStore (backends/xnnpack/operators/node_visitor.py:646), which keeps that copy until
+    the .pte is written: while `to_edge_transform_and_lower` runs, the source program's weights
+    and the delegate's copy of all of them are held together (at 1B parameters 0.6% over 3x the
+    weights). The store also takes FileBackedData (exir/_serialize/_cord.py), written to the
+    .pte by a chunked copy: each blob it is given here goes to a file at once and the store
+    keeps the file, so only the one weight being serialized is in memory twice. `folder` is
+    removed on exit; the .pte must be written inside the block.
+    """
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    original = NamedDataStore.add_named_data
+    folder.mkdir(parents=True, exist_ok=True)
+    count = itertools.count()
+
+    def add_named_data(self, key, data, *args, **kwargs):
+        if isinstance(data, bytes) and len(data) >= FILE_BACKED_MIN_BYTES:
+            path = folder / f"{next(count)}.bin"
+            path.write_bytes(data)
+            data = FileBackedData(str(path), cleanup=True, sha256=hashlib.sha256(data).digest())
+        return original(self, key, data, *args, **kwargs)
+
+    NamedDataStore.add_named_data = add_named_data
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = original
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def edge_compile_config(program: torch.export.ExportedProgram):
