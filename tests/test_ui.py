@@ -133,15 +133,20 @@ def test_a_user_exports_the_demo_model_in_the_browser_and_downloads_it(panel, tm
             page.click("#table tr[data-cell=digits_cnn_fp32_onnx] a.download")
         saved = tmp_path / "cell.zip"
         download.value.save_as(saved)
+        names = zipfile.ZipFile(saved).namelist()
+        assert "classifier/model.onnx" in names and "classifier/io.json" in names
+        assert any(name.startswith("classifier/test_data_set_0/") for name in names), names  # its test cases
+        for _ in range(300):  # the queued run goes next, into its own sweep directory
+            state = json.loads(get(f"{url}/api/run?id={urllib.parse.quote(second['id'])}")[1])
+            if state["state"] in ("done", "failed"):
+                break
+            time.sleep(1)
+        assert state["state"] == "done" and [r["status"] for r in state["rows"]] == ["pass"]
+        page.reload()  # earlier runs: both listed; ticked, they are compared side by side
+        expect(page.locator("#runs input.pick")).to_have_count(2)
+        for box in page.locator("#runs input.pick").all():
+            box.check()
+        page.click("#compare")
+        expect(page.locator("#compared h3")).to_have_count(2)
+        expect(page.locator("#compared td.pass")).to_have_count(3)
         browser.close()
-    names = zipfile.ZipFile(saved).namelist()
-    assert "classifier/model.onnx" in names and "classifier/io.json" in names
-    assert any(name.startswith("classifier/test_data_set_0/") for name in names), names  # its test cases
-    for _ in range(300):  # the queued run goes next, into its own sweep directory
-        state = json.loads(get(f"{url}/api/run?id={urllib.parse.quote(second['id'])}")[1])
-        if state["state"] in ("done", "failed"):
-            break
-        time.sleep(1)
-    assert state["state"] == "done" and [r["status"] for r in state["rows"]] == ["pass"]
-    listed = [r["id"] for r in json.loads(get(f"{url}/api/runs")[1])]
-    assert second["id"] in listed and len([i for i in listed if i.startswith("ui/")]) == 2
