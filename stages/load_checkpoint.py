@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> dict:
     for index, (where, tensors) in enumerate(loaded.candidates.items()):
         torch.save(tensors, ctx.workdir / f"candidate_{index}.pt")
         candidates.append({"path": where, "tensors": len(tensors), "file": f"candidate_{index}.pt"})
-    if not candidates:
+    if not candidates and loaded.program is None:  # a program is its own weights (program.pt2)
         torch.save(loaded.state_dict, ctx.workdir / "state_dict.pt")
     if loaded.ema_state_dict is not None:
         torch.save(loaded.ema_state_dict, ctx.workdir / "ema_state_dict.pt")
@@ -44,5 +44,6 @@ def run(ctx: StageContext) -> dict:
         "weights_path": loaded.weights_path,
         "candidates": candidates,
         "summary": (f"{loaded.kind}, {len(candidates)} candidate dicts of weights" if candidates
-                    else f"{loaded.kind}, {len(loaded.state_dict)} tensors"),
+                    else f"{loaded.kind}, {len(loaded.state_dict)} tensors"
+                    + (", its graph converted to an ExportedProgram" if loaded.script and loaded.program else "")),
     }
