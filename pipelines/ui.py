@@ -35,6 +35,7 @@ from .events import EVENTS, progress, read
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pt2", ".ptl", ".jit", ".ckpt", ".bin", ".safetensors", ".nemo")
 PAGE = Path(__file__).with_name("ui_page.html")
+CONSOLE_TAIL = 4000  # characters of a failed run's console the page shows
 
 
 class RunRequest(BaseModel):
@@ -147,7 +148,12 @@ class Panel:
         events = read(directory / EVENTS)
         matrix = directory / "matrix.json"
         command = directory / "command.txt"
-        return {"id": run_id, "state": run.state if run else "done",
+        console = directory / "console.txt"
+        state = run.state if run else "done"
+        return {"id": run_id, "state": state,
+                # what the command printed, for a run that failed (a config it refused: no events)
+                "console": console.read_text(errors="replace")[-CONSOLE_TAIL:]
+                if state == "failed" and console.exists() else "",
                 "command": shlex.join(["python", *run.command[1:]]) if run else
                 (command.read_text().strip() if command.exists() else ""),
                 "progress": progress(events) if events else None, "events": events[since:], "next": len(events),

@@ -88,6 +88,18 @@ def test_the_panel_serves_only_its_outputs(panel):
     assert status == 400 and "hydra.sweep.dir" in answer["detail"]
 
 
+def test_a_run_the_command_line_refuses_shows_why(panel):
+    url, _ = panel
+    status, run = post(f"{url}/api/runs", {"model": "digits_cnn", "precisions": ["int3"]})
+    assert status == 200 and run["command"].startswith("python run.py -m model=digits_cnn precision=int3")
+    for _ in range(120):
+        state = json.loads(get(f"{url}/api/run?id={urllib.parse.quote(run['id'])}")[1])
+        if state["state"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    assert state["state"] == "failed" and "precision/int3" in state["console"]  # Hydra's own message
+
+
 def test_a_checkpoint_folder_is_listed_newest_first(panel):
     url, root = panel
     for name in ("old.pt2", "new.ptl"):
@@ -143,9 +155,10 @@ def test_a_user_exports_the_demo_model_in_the_browser_and_downloads_it(panel, tm
             time.sleep(1)
         assert state["state"] == "done" and [r["status"] for r in state["rows"]] == ["pass"]
         page.reload()  # earlier runs: both listed; ticked, they are compared side by side
-        expect(page.locator("#runs input.pick")).to_have_count(2)
-        for box in page.locator("#runs input.pick").all():
-            box.check()
+        done = [r["id"] for r in json.loads(get(f"{url}/api/runs")[1]) if r["state"] == "done"]
+        assert second["id"] in done and len(done) == 2
+        for run_id in done:
+            page.check(f"#runs input.pick[value='{run_id}']")
         page.click("#compare")
         expect(page.locator("#compared h3")).to_have_count(2)
         expect(page.locator("#compared td.pass")).to_have_count(3)
