@@ -38,17 +38,19 @@ def append(path: Path, event: str, **fields: Any) -> None:
 
 def read(path: Path) -> list[dict[str, Any]]:
     """The events of a stream so far (a line being written is left for the next read)."""
+    return read_from(path, 0)[0]
+
+
+def read_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The whole lines appended to a stream after byte `offset`, as events, and where they end."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as stream:
+            stream.seek(offset)
+            tail = stream.read()
     except FileNotFoundError:
-        return []
-    events = []
-    for line in text.splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the last line, still being written
-    return events
+        return [], offset
+    complete = tail[:tail.rfind(b"\n") + 1]  # a line still being written waits for the next read
+    return [json.loads(line) for line in complete.splitlines()], offset + len(complete)
 
 
 def progress(events: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
@@ -77,6 +79,8 @@ class Events:
         self.paths = [Path(run_dir) / EVENTS] + ([Path(sweep_dir) / EVENTS] if sweep_dir else [])
         self.sweep = Path(sweep_dir) / EVENTS if sweep_dir else None
         self.cell = Path(run_dir).name
+        self._seen: list[dict[str, Any]] = []  # the sweep's events read so far, and where they end
+        self._offset = 0
         for path in self.paths:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +92,14 @@ class Events:
         """`[3/8 done 1:23] int8_onnx ` in a sweep (its console lines interleave), else ''."""
         if self.sweep is None:
             return ""
-        state = progress(read(self.sweep))
+        state = progress(self._sweep_events())
         minutes, seconds = divmod(int(state["seconds"]), 60)
         failed = f", {state['failed']} failed" if state["failed"] else ""
         return f"[{state['done']}/{state['jobs']} done{failed} {minutes}:{seconds:02d}] {self.cell}"
+
+    def _sweep_events(self) -> list[dict[str, Any]]:
+        """The sweep's stream, reading only what was appended since the last call (a long sweep's
+        jobs ask at every stage)."""
+        new, self._offset = read_from(self.sweep, self._offset)
+        self._seen += new
+        return self._seen

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 from . import isolation, logs, memory
 from .cache import Cache, compute_key
+from .code_graph import code_version, module_file
+from .digests import Digests, sha256
 from .errors import PipelineError, root_cause
 from .events import Events
 from .registry import STAGES, Stage, StageContext, StageOutput
-from .code_graph import code_version, module_file
-from .digests import Digests, sha256
 from .repair import repair
 from .versions import library_versions, module_source_hash
 

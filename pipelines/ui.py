@@ -65,6 +65,7 @@ class Panel:
 
     def __init__(self, outputs: Path, folders: list[Path]):
         self.outputs, self.folders = outputs.resolve(), [f.resolve() for f in folders]
+        self.outputs.mkdir(parents=True, exist_ok=True)  # a fresh clone has no outputs/ yet
         self.runs: dict[str, Run] = {}
         self.pending: queue.Queue[Run] = queue.Queue()
         threading.Thread(target=self._work, daemon=True).start()
@@ -131,13 +132,14 @@ class Panel:
         return path
 
     def listing(self) -> list[dict[str, Any]]:
-        """The panel's runs and every earlier sweep or run with a report, newest first."""
-        found = {p.parent for name in (EVENTS, "matrix.json") for p in self.outputs.glob(f"**/{name}")
-                 if not (p.parent.parent / name).exists()}  # sweeps, not their cells
-        found |= {self.outputs / run_id for run_id in self.runs}
-        rows = [{"id": str(p.relative_to(self.outputs)), "modified": p.stat().st_mtime if p.exists() else time.time(),
-                 "state": self.runs[str(p.relative_to(self.outputs))].state
-                 if str(p.relative_to(self.outputs)) in self.runs else "done"} for p in found]
+        """The panel's runs and every earlier sweep or run with a report, newest first (the stage
+        cache, outputs/cache, is not walked)."""
+        found = {str(p.parent.relative_to(self.outputs)) for top in self.outputs.iterdir()
+                 if top.is_dir() and top.name != "cache" for name in (EVENTS, "matrix.json")
+                 for p in top.glob(f"**/{name}") if not (p.parent.parent / name).exists()}  # sweeps, not cells
+        rows = [{"id": run_id, "state": self.runs[run_id].state if run_id in self.runs else "done",
+                 "modified": (self.outputs / run_id).stat().st_mtime if (self.outputs / run_id).exists()
+                 else time.time()} for run_id in found | set(self.runs)]
         return sorted(rows, key=lambda r: r["modified"], reverse=True)
 
     def status(self, run_id: str, since: int = 0) -> dict[str, Any]:

@@ -68,14 +68,15 @@ def torchscript_program(loaded: LoadedCheckpoint, given: list[Any], source: str)
     from .model_builder import example_inputs
 
     sample = example_inputs(input_specs(loaded, given, source))  # dynamic dims not 1: none specialises
-    unsupported = _unsupported_nodes(loaded.script, sample)
+    converter = TS2EPConverter(loaded.script, sample)
+    unsupported = _unsupported_nodes(converter, loaded.script)
     if unsupported:
         raise PipelineError(f"{source}: torch's TorchScript converter cannot take {len(unsupported)} node(s): "
                             + "; ".join(unsupported), stage="load_checkpoint",
                             fix="export the model from its Python class (a model entry with model.arch), or "
                                 "script it without the nodes named (no attribute writes inside if/loops)")
     try:
-        program = TS2EPConverter(loaded.script, sample).convert()
+        program = converter.convert()
     except Exception as exc:
         raise PipelineError(f"{source}: converting TorchScript to an ExportedProgram failed: {root_cause(exc)}",
                             stage="load_checkpoint", fix="export the model from its Python class "
@@ -130,25 +131,23 @@ def _spec(name: str, given: Any) -> dict[str, Any]:
     return {**spec, "name": name}
 
 
-def _unsupported_nodes(script, sample: tuple[torch.Tensor, ...]) -> list[str]:
-    """The nodes the converter would stop at, each with its source line and the submodule whose
-    code holds it."""
-    from torch._export.converter import ExplainTS2FXGraphConverter, TS2EPConverter, get_block_to_lifted_attrs
+def _unsupported_nodes(converter, script) -> list[str]:
+    """The nodes `converter` (a TS2EPConverter of `script`) would stop at, each with its source
+    line and the submodule whose code holds it."""
+    from torch._export.converter import ExplainTS2FXGraphConverter, get_block_to_lifted_attrs
 
-    converter = TS2EPConverter(script, sample)
     blocks, fqns = get_block_to_lifted_attrs(converter.ts_graph)
     explainer = ExplainTS2FXGraphConverter(converter.ts_graph, converter.name_to_param, converter.name_to_buffer,
                                            blocks, converter.name_to_non_tensor_attributes,
                                            converter.name_to_constant, fqns)
     explainer.explain()
     owners = _owners(script)
-    found = []
+    found, held = [], set()
     for node in explainer.unsupported_node_list:
         owner = owners.get((node.kind(), node.sourceRange()))
         found.append(f"{node.kind()} at {_source_line(node)} in "
                      f"{'submodule ' + repr(owner) if owner else 'the top module'}")
-    held = {owner.split(".")[0] for key, owner in owners.items() if owner and key in
-            {(n.kind(), n.sourceRange()) for n in explainer.unsupported_node_list}}
+        held.add(owner.split(".")[0] if owner else None)
     free = [name for name, _ in script.named_children() if name not in held]
     if found and free:
         found[-1] += f" (submodules holding none of these nodes: {', '.join(free)})"
