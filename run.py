@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from pipelines import isolation
 
-from pipelines.schema import register
+# a single run's stage server starts first: torch imports while Hydra composes (a sweep's jobs
+# start it at their first cache miss, so a warm sweep starts none)
+if isolation.wanted_early(sys.argv[1:]):
+    isolation.start()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipelines.schema import register  # noqa: E402
 
 register()
 

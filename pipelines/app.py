@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import logs, report
+from . import isolation, logs, report
 from .errors import PipelineError, root_cause
 from .events import Events
 
@@ -30,6 +30,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s %s -> %s  (%s)", root["recipe"], root["model"]["name"],
              root["precision"]["name"], root["format"]["name"], _relative(run_dir))
     try:
+        if root["isolate_stages"]:  # a server started by run.py imports the format's libraries now
+            isolation.preload([root["format"]["name"]])
         if not root["model"]["parts"] or root["model"].get("inputs") is not None:
             root = _graph_part(cfg, root)
         ensure_checkpoint(root["model"], list(hydra.overrides.task), Path(root["cache"]["dir"]), log)

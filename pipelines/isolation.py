@@ -4,13 +4,14 @@ Why: a stage's peak memory is then its own (no earlier stage's leftovers in the 
 everything it allocated is returned when it ends, and a library that crashes the process
 (a segfault, the kernel's OOM killer) fails that stage with a message instead of the whole sweep.
 
-Why a fork server (multiprocessing's "forkserver") and not a plain fork of the job: GNU OpenMP
-is not fork-safe, a child forked from a process that already ran a multi-threaded torch op
-hangs on its first parallel op. The server preloads the libraries once (torch and what the job's
-format imports, stages.formats.LIBRARIES: ExecuTorch or onnxruntime, shared by every child) and
-never computes, so forks are cheap and safe. A job's first stage that computes starts it (a run
-of cache hits starts none); the jobs of a sweep share one per host, with the libraries of every
-format the sweep has (SweepServer); a later job that needs more restarts it with the union.
+Why a fork server and not a plain fork of the job: GNU OpenMP is not fork-safe, a child forked
+from a process that already ran a multi-threaded torch op hangs on its first parallel op. The
+server (pipelines/stage_server.py) imports the libraries once and never computes, so forks are
+cheap and safe. It is the host's, shared by every job that uses it (a sweep's, overlapping runs,
+test workers) and gone when the last has ended. A job leases it at once (`start()`, from run.py,
+before Hydra composes: torch imports meanwhile), asks for its format's libraries
+(stages.formats.LIBRARIES: ExecuTorch or onnxruntime) when it knows the format, and forks its
+first stage at its first cache miss; a run of hits waits for nothing.
 A child gets the caller's environment, working directory, sys.path, log file and terminal with
 each call: the server was started earlier and may have older ones. A patch applied to a module in the caller (a test's
 monkeypatch) does not reach the child: run such a job with `isolate_stages=false`.
@@ -18,129 +19,73 @@ monkeypatch) does not reach the child: run such a job with `isolate_stages=false
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 from multiprocessing import forkserver, popen_forkserver, process, reduction, resource_tracker, util
 from multiprocessing.context import ForkServerProcess
 from itertools import chain
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from . import logs, memory
+from . import logs, memory, stage_server
 from .errors import PipelineError
 
-BASE = ["torch", "torch._dynamo", "torch.export", "torch._inductor"]  # what every format traces with (2 s)
-SWEEP_FORMATS = "PIPELINE_SWEEP_FORMATS"  # set by SweepServer for the jobs of a sweep: the formats
-SWEEP_DIR = "PIPELINE_SWEEP_DIR"  # and where they publish the server they share, one per host
-_preloaded: frozenset[str] | None = None  # the libraries of the server this process uses
-_shared: dict[str, Any] | None = None  # that server when another job of the sweep started it
+# what every format's stages use, in the order a cell's first stages need it: torch (loading a
+# checkpoint), the project, then torch.export's tracing and serialization (wrap)
+BASE = ["torch", "stages", "pipelines.runner", "stages.support.model_builder", "stages.support.testcases",
+        "torch.export._trace", "torch._functorch.aot_autograd", "torch._export.serde.serialize",
+        "torch.export.pt2_archive._package", "networkx", "sympy.combinatorics", "sympy.tensor.tensor",
+        "stages.support.export_errors", "stages.support.state_io", "torch._inductor.codecache"]
+_lease: stage_server.Lease | None = None  # this process's use of the host's server
 
 
-class SweepServer(Callback):
-    """Lets a sweep's jobs share one stage server per host: it preloads every format the sweep
-    has (no restart going from .onnx cells to .pte ones: ~4 s each, three in the six-cell demo
-    sweep), and the first job that computes starts it (a warm sweep starts none) and publishes
-    its address in the sweep directory for the others. It lives as long as the job process that
-    started it (a sweep worker: to the sweep's end); a job that finds it gone starts another."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        swept = [str(v) for v in (config.hydra.sweeper.get("params") or {}).get("format", "").split(",")]
-        for override in config.hydra.overrides.task:
-            key, _, value = override.partition("=")
-            if key.lstrip("+~") == "format":
-                swept += value.split(",")
-        chosen = getattr(config.format.name, "value", config.format.name)  # the Format enum's name
-        os.environ[SWEEP_FORMATS] = ",".join(sorted({chosen, *(f.strip() for f in swept if f.strip())}))
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        os.environ[SWEEP_DIR] = str(Path(config.hydra.sweep.dir).resolve())
-
-
-def start(formats: Iterable[str] | None = None) -> None:
-    """Make sure this process has a fork server preloading torch, the project and the libraries
-    of `formats` (None: every format): the running one when it has them, else its sweep's when
-    that has them, else a new one (published for the sweep). Non-blocking: the server imports
-    while the caller goes on; the first fork waits for it. The libraries' import-time prints go
-    to the run's log (children write the console through the descriptor each call passes)."""
-    global _preloaded, _shared
+def start(formats: Iterable[str] = ()) -> None:
+    """Lease the host's stage server (started if there is none) and have it import torch and
+    the libraries of `formats`. Never waits: the server imports while the caller goes on, and
+    a fork waits only for the module it is importing then."""
+    global _lease
     from stages.formats import LIBRARIES
 
-    names = LIBRARIES if formats is None else [*formats, *os.environ.get(SWEEP_FORMATS, "").split(",")]
-    wanted = frozenset(chain(*(LIBRARIES.get(name, ()) for name in names)))
-    if _preloaded is not None and wanted <= _preloaded:
-        return
-    wanted |= _preloaded or frozenset()
-    # a Slurm job's stages stay in its own process tree: its memory limit and scancel reach them
-    sweep = None if "SLURM_JOB_ID" in os.environ else os.environ.get(SWEEP_DIR)
-    if not sweep:
-        _own(wanted)
-        return
-    from .locks import PosixLock
-
-    host = socket.gethostname()
-    with PosixLock(Path(sweep) / f".stage-server-{host}.lock"):
-        published = _published(Path(sweep) / f".stage-server-{host}.json")
-        if published and wanted <= frozenset(published["preload"]):
-            _shared, _preloaded = (None if published["pid"] == os.getpid() else published), frozenset(published["preload"])
-            return
-        _own(wanted | frozenset(published["preload"] if published else ()))
-        _write_json(Path(sweep) / f".stage-server-{host}.json",
-                    {"pid": os.getpid(), "address": forkserver._forkserver._forkserver_address,
-                     "preload": sorted(_preloaded)})
+    wanted = [*BASE, *chain(*(LIBRARIES.get(name, ()) for name in formats))]
+    if _lease is None:
+        with logs.libraries_to_log():
+            _lease = stage_server.lease(wanted)
+    else:
+        _lease.preload(wanted)
 
 
-def _own(wanted: frozenset[str]) -> None:
-    """Start this process's own server with `wanted` (stopping one it had)."""
-    global _preloaded, _shared
-    if forkserver._forkserver._forkserver_pid is not None:
-        forkserver._forkserver._stop()  # multiprocessing's one way to change a server's preload
-    forkserver.set_forkserver_preload([*BASE, *sorted(wanted), "stages", "pipelines.runner", "pipelines.fork_server"])
-    with logs.libraries_to_log():
-        forkserver.ensure_running()
-    _preloaded, _shared = wanted, None
+def wanted_early(arguments: list[str]) -> bool:
+    """Whether `python run.py <arguments>` is a single run that computes in stage processes:
+    not a sweep (-m), --help, --cfg, or isolate_stages=false. Only when to start the server
+    depends on it, never what runs."""
+    flags = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion"}
+    return not flags & set(arguments) and "isolate_stages=false" not in arguments
 
 
-def _published(path: Path) -> dict[str, Any] | None:
-    """The server a job of this sweep published on this host, while its owner lives."""
-    try:
-        found = json.loads(path.read_text())
-        os.kill(found["pid"], 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return found if os.path.exists(found["address"]) else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+def preload(formats: Iterable[str]) -> None:
+    """Have the server this process leases import the libraries of `formats` now (none leased:
+    nothing; the first cache miss leases one)."""
+    if _lease is not None:
+        start(formats)
 
 
 def _connect(fds: list[int]) -> tuple[int, int]:
-    """multiprocessing's ForkServer.connect_to_new_process (3.11), to the sweep's shared server
-    (its own singleton only knows a server this process started)."""
+    """multiprocessing's ForkServer.connect_to_new_process (3.11), to the host's server."""
     resource_tracker.ensure_running()
-    with socket.socket(socket.AF_UNIX) as client:
-        client.connect(_shared["address"])
-        parent_r, child_w = os.pipe()
-        child_r, parent_w = os.pipe()
-        alive = os.open(os.devnull, os.O_RDONLY)  # the child's: only a server of its own reads it
-        try:
-            reduction.sendfds(client, [child_r, child_w, alive, resource_tracker.getfd(), *fds])
-            return parent_r, parent_w
-        except BaseException:
-            os.close(parent_r)
-            os.close(parent_w)
-            raise
-        finally:
-            for fd in (child_r, child_w, alive):
-                os.close(fd)
+    parent_r, child_w = os.pipe()
+    child_r, parent_w = os.pipe()
+    alive = os.open(os.devnull, os.O_RDONLY)  # the child's: only a server of its own reads it
+    try:
+        stage_server.fork_request(_lease.address, [child_r, child_w, alive, resource_tracker.getfd(), *fds])
+        return parent_r, parent_w
+    except BaseException:
+        os.close(parent_r)
+        os.close(parent_w)
+        raise
+    finally:
+        for fd in (child_r, child_w, alive):
+            os.close(fd)
 
 
 class _Popen(popen_forkserver.Popen):
@@ -158,7 +103,7 @@ class _Popen(popen_forkserver.Popen):
             reduction.dump(process_obj, buf)
         finally:
             popen_forkserver.set_spawning_popen(None)
-        self.sentinel, w = _connect(self._fds) if _shared else forkserver.connect_to_new_process(self._fds)
+        self.sentinel, w = _connect(self._fds)
         _parent_w = os.dup(w)
         self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
@@ -196,7 +141,8 @@ def _console_fd() -> int | None:
 def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | None]:
     """fn(*args) in a child process: its return value (or its PipelineError, raised here) and
     the child's peak resident memory in MiB."""
-    if _preloaded is None:
+    global _lease
+    if _lease is None:
         start()
     receive, send = multiprocessing.Pipe(duplex=False)
     console = _console_fd()
@@ -205,10 +151,10 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
     child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
     try:
         child.start()
-    except OSError:  # the sweep's server went with the job that started it: one of our own
-        if not _shared:
-            raise
-        _own(_preloaded)
+    except OSError:  # the server is gone (killed): the host's next one
+        requested, _lease = _lease.requested, None
+        start()
+        _lease.preload(requested)
         child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
         child.start()
     send.close()
@@ -225,7 +171,7 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
         raise
     finally:
         receive.close()
-    child.join()
+    # it answered and ends now: no wait for its exit code, which the server sends between imports
     if outcome == "error":
         raise value
     return value, peak

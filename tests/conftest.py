@@ -39,19 +39,12 @@ def transformers_installed() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_stage_server() -> None:
-    """The whole suite forks its stages from one server with both formats, as the jobs of one
-    sweep do (pipelines/isolation.py SweepServer): the first test worker started owns it for the
-    session, the other workers and every `python run.py` a test starts use it (each paid 2-7 s
-    for a server of its own before)."""
-    import tempfile
-
+    """Every test worker leases the host's stage server with both formats for the whole session
+    (pipelines/stage_server.py), so it is started once: the workers and every `python run.py` a
+    test starts fork their stages from it (each paid 2-7 s for a server of its own before)."""
     from pipelines import isolation
 
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-    place = Path(tempfile.gettempdir()) / f"pipeline-tests-{run}"
-    place.mkdir(exist_ok=True)
-    os.environ[isolation.SWEEP_DIR], os.environ[isolation.SWEEP_FORMATS] = str(place), "onnx,pte"
-    isolation.start([])
+    isolation.start(["onnx", "pte"])
 
 
 # the tests of the pipeline run their target's devices natively only: emulated CPUs cost tens of

@@ -89,23 +89,38 @@ def _imported_libraries() -> list[str]:
     return [name for name in ("onnxruntime", "executorch.exir") if name in sys.modules]
 
 
-def test_the_server_preloads_the_formats_a_process_needs(monkeypatch):
-    """An .onnx job's stages never wait for ExecuTorch's import; a process that goes on to a .pte
-    job gets a server with both."""
-    from multiprocessing import forkserver
+def _fresh_server(monkeypatch, tmp_path) -> None:
+    """This process's own server, not the suite's (tests/conftest.py): another environment."""
+    from pipelines import isolation
+
+    monkeypatch.setattr(isolation, "_lease", None)
+    monkeypatch.setenv("PYTHON_STAGE_SERVER_TEST", str(tmp_path))  # an import-time variable: its own identity
+
+
+def _wait_for(probe, expected, seconds: float = 60.0):
+    import time
 
     from pipelines import isolation
 
-    forkserver._forkserver._stop()
-    monkeypatch.setattr(isolation, "_preloaded", None)
-    monkeypatch.setattr(isolation, "_shared", None)
-    monkeypatch.delenv(isolation.SWEEP_DIR)  # not the suite's shared server (tests/conftest.py)
-    monkeypatch.delenv(isolation.SWEEP_FORMATS)
+    deadline = time.monotonic() + seconds
+    while (found := isolation.call("probe", probe)[0]) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def test_the_server_preloads_the_formats_a_process_needs(monkeypatch, tmp_path):
+    """An .onnx job's stages never wait for ExecuTorch's import; a job that goes on to a .pte
+    cell has the server import ExecuTorch too, without a new server."""
+    from pipelines import isolation
+
+    _fresh_server(monkeypatch, tmp_path)
     isolation.start(["onnx"])
-    assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime"]
-    isolation.start(["onnx"])  # already there: the same server
+    server = isolation.call("probe", os.getppid)[0]
+    assert _wait_for(_imported_libraries, ["onnxruntime"]) == ["onnxruntime"]
+    isolation.start(["onnx"])  # already asked: nothing new
     isolation.start(["pte"])
-    assert isolation.call("probe", _imported_libraries)[0] == ["onnxruntime", "executorch.exir"]
+    assert _wait_for(_imported_libraries, ["onnxruntime", "executorch.exir"]) == ["onnxruntime", "executorch.exir"]
+    assert isolation.call("probe", os.getppid)[0] == server
 
 
 def _pattern_graphs_built() -> int:
@@ -114,61 +129,62 @@ def _pattern_graphs_built() -> int:
     return bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize
 
 
-def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch):
+def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch, tmp_path):
     """Its children inherit the graphs (4.3 s a lowering otherwise); a thread in the server when
     it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock."""
     import subprocess
     import sys
-    from multiprocessing import forkserver
 
     from pipelines import isolation
 
-    forkserver._forkserver._stop()
-    monkeypatch.setattr(isolation, "_preloaded", None)
-    monkeypatch.setattr(isolation, "_shared", None)
-    monkeypatch.delenv(isolation.SWEEP_DIR)
+    _fresh_server(monkeypatch, tmp_path)
     isolation.start(["pte"])
-    assert isolation.call("probe", _pattern_graphs_built)[0] == 1
-    server = forkserver._forkserver._forkserver_pid
+    assert _wait_for(_pattern_graphs_built, 1) == 1
+    server = isolation.call("probe", os.getppid)[0]
     imported_only = subprocess.run(
         [sys.executable, "-c", "import os, torch, torch._dynamo, executorch.exir, executorch.devtools, onnx; "
          "print(len(os.listdir('/proc/self/task')))"], capture_output=True, text=True, check=True).stdout
     assert len(os.listdir(f"/proc/{server}/task")) <= int(imported_only.split()[-1])
 
 
-SWEEP_JOB = """
+JOB = """
 import json, os, sys
 from pipelines import isolation
 isolation.start(["onnx"])
 server = isolation.call("probe", os.getppid)[0]  # a stage process's parent: the server that forked it
-print(json.dumps({"server": server, "shared": isolation._shared is not None}), flush=True)
-sys.stdin.read()  # lives (and so does a server it started) until the test closes its stdin
+print(json.dumps({"server": server}), flush=True)
+sys.stdin.read()  # lives (and leases the server) until the test closes its stdin
 """
 
 
-def test_the_jobs_of_a_sweep_share_one_server_and_outlive_it(tmp_path):
-    """The first job that computes starts the server and publishes it in the sweep dir; the next
-    job forks its stages from it; once the first job has gone, a job starts its own."""
+def test_jobs_share_the_hosts_server_until_the_last_one_leaves(tmp_path):
+    """The first job that needs a server starts it; the next forks its stages from it, also
+    after the first has gone; once the last has gone the server has too, and the next job
+    starts another."""
     import json
     import subprocess
     import sys
+    import time
 
-    from pipelines import isolation
-
-    env = {**os.environ, isolation.SWEEP_DIR: str(tmp_path), isolation.SWEEP_FORMATS: "onnx"}  # its own
+    env = {**os.environ, "PYTHON_STAGE_SERVER_TEST": str(tmp_path)}  # not the suite's server
 
     def job():
-        return subprocess.Popen([sys.executable, "-c", SWEEP_JOB], env=env, cwd=ROOT, text=True,
+        return subprocess.Popen([sys.executable, "-c", JOB], env=env, cwd=ROOT, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     first = job()
-    owner = json.loads(first.stdout.readline())
+    owner = json.loads(first.stdout.readline())["server"]
     second = job()
-    guest = json.loads(second.stdout.readline())
-    second.communicate("")
-    assert (owner["shared"], guest["shared"]) == (False, True) and guest["server"] == owner["server"]
+    assert json.loads(second.stdout.readline())["server"] == owner
     first.communicate("")
     third = job()
-    alone = json.loads(third.stdout.readline())
+    assert json.loads(third.stdout.readline())["server"] == owner  # second still leases it
+    second.communicate("")
     third.communicate("")
-    assert not alone["shared"] and alone["server"] != owner["server"]
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{owner}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{owner}"), "the server outlived its last lease"
+    fourth = job()
+    assert json.loads(fourth.stdout.readline())["server"] != owner
+    fourth.communicate("")

@@ -49,10 +49,18 @@ class Job:
     options: Any = None  # the precision scheme's own options (stages/formats/schemes.py), for quantize
 
 
-# the libraries each format's stages import, preloaded once by the stage server
-# (pipelines/isolation.py) so no stage pays their import: an .onnx cell never imports ExecuTorch
-LIBRARIES = {"onnx": ("onnx", "onnxruntime", "onnxruntime.quantization", "onnxscript"),
-             "pte": ("executorch.exir", "executorch.runtime", "executorch.devtools", "torchao.quantization.pt2e")}
+# the libraries each format's stages import, preloaded once by the host's stage server
+# (pipelines/isolation.py) so no stage pays their import: an .onnx cell never imports ExecuTorch.
+# `module:function` is a warm-up the server runs once, whose results every stage inherits.
+LIBRARIES = {
+    "onnx": ("onnx", "onnxruntime", "onnxruntime.quantization", "torch.onnx._internal.exporter._compat",
+             "onnxscript.function_libs.torch_lib.ops", "onnxscript.rewriter.rules.fusion",
+             "stages.formats.onnx", "stages.formats.onnx_precisions", "stages.upstream.onnxscript:cache_torchlib_ops"),
+    "pte": ("executorch.exir", "executorch.runtime", "executorch.devtools", "torchao.quantization.pt2e.quantize_pt2e",
+            "executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch.devtools.bundled_program.serialize",
+            "executorch.extension.flat_tensor", "executorch.kernels", "stages.formats.pte", "stages.formats.pte_precisions",
+            "stages.upstream.executorch:build_pattern_graphs"),
+}
 
 
 def backend(name: str) -> ModuleType:

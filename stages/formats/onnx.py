@@ -16,6 +16,7 @@ from pipelines.memory import release
 
 from ..upstream.onnx import load_graph
 from ..upstream.onnxruntime import unsafe_optimizers
+from ..upstream.onnxscript import cache_torchlib_ops
 from . import Job, weight_summary
 from .onnx_session import session
 
@@ -45,6 +46,7 @@ def _export(job: Job, path: Path) -> None:
     specs = job.io["inputs"]
     # the program carries the specs' dynamic dims; re-tracing its module without them freezes them
     model = program if job.fmt.dynamic_dims else program.module()
+    cache_torchlib_ops()
     try:
         onnx_program = torch.onnx.export(
             model, example_inputs(specs, exact=not job.fmt.dynamic_dims), dynamo=True,

@@ -247,7 +247,7 @@ def build_pattern_graphs() -> None:
     exporting and lowering small modules (executorch 1.5.1 backends/xnnpack/partition/graphs/
     bilinear_2d.py `_get_bilinear_2d_graphs`, sdpa.py `get_graphs`: 4.3 s here), cached per
     process, so every .pte lowering in a stage process of its own paid them again. The stage
-    server calls this once (pipelines/fork_server.py) and its children inherit the cache.
+    server calls this once (stages.formats.LIBRARIES) and its children inherit the cache.
 
     A fork server must hold no thread but its own when it forks (a child inherits a lock a
     thread held, and hangs on it: measured, with tqdm's monitor thread that lowering starts,

@@ -1,0 +1,462 @@
+"""The host's stage server: one process that imports torch and the formats' libraries once and
+forks every stage process from that clean state (pipelines/isolation.py says why a fork server).
+
+One per host and environment (the Python, this checkout's code, the variables libraries read
+when they load), shared by every process that uses it: the jobs of a sweep, single runs that
+overlap, test workers. A process *leases* it (one connection it keeps open; the kernel closes it
+when the process ends, however it ends); the server leaves when its last lease goes, so nothing
+lingers between runs and no later run gets code older than its own.
+
+It imports as it goes, a module at a time, and forks between two imports: a job asks for torch
+before Hydra has composed its config and for its format's libraries once it knows the format;
+a stage forked before the server has a library imports it itself. The server never computes and
+holds no thread of its own when it forks (the preload's warm-ups run with one intra-op thread).
+
+Protocol (a Unix socket under the temporary directory): a connection sends one pickled request,
+{"op": "lease"} (kept open), {"op": "preload", "modules": [...]}, or {"op": "fork"} with the
+descriptors multiprocessing's forkserver takes; a fork is answered as that server answers one
+(the child's pid, then its exit code, on the descriptor passed for it), so multiprocessing's
+Popen reads it unchanged. A Slurm job's server is its own (in the job's process tree, which its
+memory limit and scancel reach), never shared.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import pickle
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import import_module
+from multiprocessing import forkserver, util
+from pathlib import Path
+from typing import Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ("pipelines", "stages")  # the project's packages a server imports: its code is part of its identity
+# variables libraries read once, when they load (thread pools, allocators, kernels): a process
+# with other values needs a server of its own
+IMPORT_TIME_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "ORT_", "ONNX",
+                        "EXECUTORCH", "XNNPACK", "PYTHON", "LD_", "CUDA_VISIBLE_DEVICES")
+MAX_REQUEST = 1 << 16
+MAX_FDS = 256
+
+
+@dataclass
+class Lease:
+    """This process's use of the host's server: the connection that keeps it alive."""
+
+    address: str
+    connection: socket.socket
+    requested: set[str] = field(default_factory=set)
+
+    def preload(self, modules: Iterable[str]) -> None:
+        """Ask the server to import these too (it does between forks; the caller does not wait)."""
+        new = [m for m in modules if m not in self.requested]
+        if new:
+            _send(self.address, {"op": "preload", "modules": new})
+            self.requested.update(new)
+
+
+def lease(preload: Iterable[str]) -> Lease:
+    """The host's server for this environment, started if there is none, leased by this process
+    (until it ends or closes the lease) and asked to import `preload`."""
+    directory = Path(tempfile.gettempdir()) / f"pipeline-stage-servers-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    private = os.environ.get("SLURM_JOB_ID")
+    name = identity() if not private else f"slurm-{private}-{os.getpid()}"
+    address, lock = str(directory / f"{name}.sock"), directory / f"{name}.lock"
+    preload = list(preload)
+    with _locked(lock):
+        connection = socket.socket(socket.AF_UNIX)
+        try:
+            connection.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError):  # none, or one that died without its exit
+            with _quiet_unlink():
+                os.unlink(address)
+            _start(address, lock, preload, connection, detach=not private)
+        else:
+            _send(address, {"op": "preload", "modules": preload})
+        connection.sendall(_frame({"op": "lease", "pid": os.getpid()}))
+    return Lease(address, connection, set(preload))
+
+
+def fork_request(address: str, fds: list[int]) -> None:
+    """Ask the server at address to fork a stage process (multiprocessing's descriptors)."""
+    _send(address, {"op": "fork"}, fds)
+
+
+def identity() -> str:
+    """What a server's children inherit: the interpreter, this checkout and its code as it is
+    now, and the variables read when libraries load."""
+    digest = hashlib.sha256()
+    for part in (sys.executable, str(ROOT), *util._args_from_interpreter_flags()):
+        digest.update(part.encode() + b"\0")
+    for name in sorted(os.environ):
+        if name.startswith(IMPORT_TIME_PREFIXES):
+            digest.update(f"{name}={os.environ[name]}\0".encode())
+    for package in PROJECT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _start(address: str, lock: Path, preload: list[str], connection: socket.socket, detach: bool) -> None:
+    """Bind the server's socket, connect `connection` to it (queued: the first lease is there
+    before the server is), then start the server on it."""
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(address)
+        os.chmod(address, 0o600)
+        listener.listen(128)
+        connection.connect(address)
+        log = open(Path(address).with_suffix(".log"), "ab")
+        command = [sys.executable, *util._args_from_interpreter_flags(), "-c",
+                   f"from pipelines.stage_server import main; main({listener.fileno()}, {str(lock)!r}, {preload!r})"]
+        subprocess.Popen(command, pass_fds=[listener.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=detach, close_fds=True)
+        log.close()
+    finally:
+        listener.close()
+
+
+def _frame(request: dict) -> bytes:
+    data = pickle.dumps(request)
+    return len(data).to_bytes(4, "big") + data
+
+
+def _send(address: str, request: dict, fds: list[int] = ()) -> None:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(address)
+        socket.send_fds(client, [_frame(request)], list(fds))
+
+
+class _locked:
+    """flock on a file under the servers' directory: a client joining and a server leaving
+    exclude each other (a local directory: flock is enough)."""
+
+    def __init__(self, path: Path, wait: bool = True):
+        self.path, self.wait, self.fd = path, wait, None
+
+    def __enter__(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            return False
+        return True
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class _quiet_unlink:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is FileNotFoundError
+
+
+# --- the server ---------------------------------------------------------------------------
+
+FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
+FRESHEN_AFTER_S = 0.1  # an import at least this long makes the waiting spare worth replacing
+
+
+def main(listener_fd: int, lock: str, preload: list[str]) -> None:
+    """Serve on the listening socket until the last lease is gone, importing `preload` (and
+    what requests add) a module at a time between requests."""
+    listener = socket.socket(fileno=listener_fd)
+    listener.setblocking(False)  # spares share it: the one that loses a race goes back to waiting
+    server = _Server(listener, Path(lock))
+    server.want(preload)
+    try:
+        server.serve()
+    finally:
+        os._exit(0)  # what it imported is not torn down: nobody waits for it
+
+
+class _Server:
+    """Imports, and keeps one *spare*: a child forked from it that waits on the listening socket.
+
+    The spare takes the next connection itself, so a fork never waits for the import the server
+    is in (torch.export's takes 1.7 s) nor for a fork of a 1 GB process (30 ms): a stage request
+    finds the spare already forked and the spare becomes the stage process. Other requests (a
+    lease, a preload) it hands to the server over their private channel, with their descriptors;
+    the server forks the next spare at once, and a fresher one when an import ends that the
+    waiting spare lacks. The server, the spares' parent, reaps them and sends each stage's exit
+    code to its client, as multiprocessing's forkserver does."""
+
+    def __init__(self, listener: socket.socket, lock: Path):
+        self.listener, self.lock = listener, lock
+        self.address = listener.getsockname()
+        self.pending: deque[str] = deque()
+        self.done: set[str] = set()
+        self.leases: set[socket.socket] = set()
+        self.spare: tuple[int, socket.socket] | None = None  # its pid and its channel
+        self.channels: dict[socket.socket, int] = {}  # every spare's channel that is open, to its pid
+        self.children: dict[int, int] = {}  # a stage's pid -> the descriptor its exit code goes to
+        self.exited: dict[int, int] = {}  # exit codes of stages whose descriptor has not come yet
+        self.leased = False  # a first lease waits in the queue until the first spare takes it
+        self.selector = selectors.DefaultSelector()
+
+    def want(self, modules: Iterable[str]) -> None:
+        for name in modules:
+            if name not in self.done and name not in self.pending:
+                self.pending.append(name)
+
+    def serve(self) -> None:
+        util._close_stdin()
+        self.signal_r, self.signal_w = os.pipe()
+        os.set_blocking(self.signal_r, False)
+        os.set_blocking(self.signal_w, False)
+        self.handlers = {signal.SIGCHLD: signal.signal(signal.SIGCHLD, lambda *_: None),
+                         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+        signal.set_wakeup_fd(self.signal_w)
+        self.selector.register(self.signal_r, selectors.EVENT_READ)
+        while True:
+            if self.spare is None and (FIRST in self.done or FIRST not in self.pending):
+                self._fork_spare()
+            ready = [key.fileobj for key, _ in self.selector.select(0 if self.pending else None)]
+            if not ready and self.pending:
+                started = time.monotonic()
+                self._import(self.pending.popleft())
+                if self.spare and (time.monotonic() - started >= FRESHEN_AFTER_S or not self.pending):
+                    self._retire_spare()
+                continue
+            for source in ready:  # channels first: a stage's descriptor before its exit code
+                if source in self.channels:
+                    self._from_spare(source)
+            for source in ready:
+                if source == self.signal_r:
+                    self._reap()
+                elif source in self.leases:
+                    self._lease_ended(source)
+            if self.leased and not self.leases and self._leave():
+                return
+
+    def _import(self, name: str) -> None:
+        """A module, or `module:function` (a warm-up whose results the children inherit)."""
+        self.done.add(name)
+        module, _, function = name.partition(":")
+        started = time.monotonic()
+        try:
+            imported = import_module(module)
+            if function:
+                getattr(imported, function)()
+        except Exception as exc:  # the stage that needs it imports it and reports
+            print(f"stage server {os.getpid()}: preloading {name} failed: {exc!r}", file=sys.stderr, flush=True)
+        else:
+            print(f"stage server {os.getpid()}: at {time.time():.3f} {name} in {time.monotonic() - started:.2f} s",
+                  file=sys.stderr, flush=True)
+
+    # spares
+
+    def _fork_spare(self) -> None:
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                mine.close()
+                code = _Spare(self, theirs).run()
+            except Exception:
+                sys.excepthook(*sys.exc_info())
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.spare = (pid, mine)
+        self.channels[mine] = pid
+        self.selector.register(mine, selectors.EVENT_READ)
+
+    def _retire_spare(self) -> None:
+        """Tell the waiting spare to leave (it may have taken a request meanwhile: its channel
+        stays open until it says so or ends)."""
+        pid, channel = self.spare
+        self.spare = None
+        try:
+            channel.sendall(b"x")
+        except OSError:
+            pass
+
+    def _from_spare(self, channel: socket.socket) -> None:
+        """What a spare hands over: a stage it became (its exit code's descriptor), a request
+        for the server (with its connection), or its end (EOF)."""
+        try:
+            data, fds, _, _ = socket.recv_fds(channel, MAX_REQUEST, MAX_FDS)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._close_channel(channel)
+            return
+        message = pickle.loads(data)
+        if message["kind"] == "stage":
+            pid, (child_w,) = self.channels[channel], fds
+            self._close_channel(channel, became_stage=True)
+            if pid in self.exited:
+                _send_code(child_w, self.exited.pop(pid))
+            else:
+                self.children[pid] = child_w
+        elif message["kind"] == "lease":
+            connection = socket.socket(fileno=fds[0])
+            connection.setblocking(False)
+            self.leases.add(connection)
+            self.leased = True
+            self.selector.register(connection, selectors.EVENT_READ)
+        elif message["kind"] == "preload":
+            for fd in fds:
+                os.close(fd)
+            self.want(message["modules"])
+
+    def _close_channel(self, channel: socket.socket, became_stage: bool = False) -> None:
+        if self.spare and self.spare[1] is channel:
+            self.spare = None  # it became a stage, or ended: the loop forks the next one
+        pid = self.channels.pop(channel, None)
+        if not became_stage:
+            self.exited.pop(pid, None)
+        self.selector.unregister(channel)
+        channel.close()
+
+    def _reap(self) -> None:
+        os.read(self.signal_r, 65536)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            child_w = self.children.pop(pid, None)
+            if child_w is not None:
+                _send_code(child_w, code)
+            elif pid in self.channels.values():  # a stage whose descriptor is still on its way
+                self.exited[pid] = code
+
+    # leases
+
+    def _lease_ended(self, connection: socket.socket) -> None:
+        try:
+            if connection.recv(4096):
+                return  # a lease says nothing more; ignore what it might
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.selector.unregister(connection)
+        self.leases.discard(connection)
+        connection.close()
+
+    def _leave(self) -> bool:
+        """With no lease left: leave, unless a client is joining (it holds the lock while it
+        connects, and its connection waits in the listener's queue or in a spare's hands)."""
+        locked = _locked(self.lock, wait=False)
+        if not locked.__enter__():
+            return False
+        if not self._queued():
+            if self.spare:
+                self._retire_spare()
+            while self.channels:  # every spare says what it took, or ends
+                for key, _ in self.selector.select(1.0):
+                    if key.fileobj in self.channels:
+                        self._from_spare(key.fileobj)
+        if self.leases or self._queued():
+            locked.__exit__()
+            return False
+        with _quiet_unlink():
+            os.unlink(self.address)
+        return True  # the lock goes with the process
+
+    def _queued(self) -> bool:
+        return bool(select.select([self.listener], [], [], 0)[0])
+
+
+class _Spare:
+    """A child of the server waiting for the next connection, with what the server had imported."""
+
+    def __init__(self, server: _Server, channel: socket.socket):
+        self.server, self.channel = server, channel
+
+    def run(self) -> int:
+        server = self.server
+        server.selector.close()
+        for lease in server.leases:
+            lease.close()
+        for other in server.channels:
+            other.close()
+        for fd in server.children.values():
+            os.close(fd)
+        while True:
+            ready, _, _ = select.select([server.listener, self.channel], [], [])
+            if self.channel in ready:  # retired, or the server has gone
+                return 0
+            try:
+                connection, _ = server.listener.accept()
+            except BlockingIOError:  # another spare took it
+                continue
+            connection.settimeout(10)
+            try:
+                request, fds = _request(connection)
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+                connection.close()
+                continue
+            if request["op"] != "fork":
+                socket.send_fds(self.channel, [pickle.dumps({"kind": request["op"], **request})],
+                                [connection.fileno(), *fds])
+                connection.close()
+                for fd in fds:
+                    os.close(fd)
+                continue
+            connection.close()
+            return self._become_stage(fds)
+
+    def _become_stage(self, fds: list[int]) -> int:
+        """Serve the Popen that asked: multiprocessing.forkserver.main's child (3.11), with this
+        process as the child it forked."""
+        server = self.server
+        child_r, child_w, *passed = fds
+        try:
+            forkserver.write_signed(child_w, os.getpid())
+        except BrokenPipeError:  # the client went
+            return 1
+        socket.send_fds(self.channel, [pickle.dumps({"kind": "stage"})], [child_w])
+        server.listener.close()
+        self.channel.close()
+        unused = [child_w, server.signal_r, server.signal_w]
+        return forkserver._serve_one(child_r, passed, unused, server.handlers)
+
+
+def _request(connection: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(connection, MAX_REQUEST, MAX_FDS)
+    if len(data) < 4:
+        raise EOFError
+    size = int.from_bytes(data[:4], "big")
+    body = data[4:]
+    while len(body) < size:
+        more = connection.recv(size - len(body))
+        if not more:
+            raise EOFError
+        body += more
+    return pickle.loads(body), fds
+
+
+def _send_code(child_w: int, code: int) -> None:
+    try:
+        forkserver.write_signed(child_w, code)
+    except BrokenPipeError:  # its client went
+        pass
+    os.close(child_w)
