@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -173,7 +174,8 @@ class _quiet_unlink:
 # --- the server ---------------------------------------------------------------------------
 
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
-FRESHEN_AFTER_S = 0.1  # an import at least this long makes the waiting spare worth replacing
+SPARES = 2  # the second serves a request that comes while the server is in a long import
+FRESHEN_AFTER_S = 0.25  # an import at least this long makes the waiting spares worth replacing
 
 
 def main(listener_fd: int, lock: str, preload: list[str]) -> None:
@@ -183,21 +185,26 @@ def main(listener_fd: int, lock: str, preload: list[str]) -> None:
     listener.setblocking(False)  # spares share it: the one that loses a race goes back to waiting
     server = _Server(listener, Path(lock))
     server.want(preload)
+    code = 0
     try:
         server.serve()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:
-        os._exit(0)  # what it imported is not torn down: nobody waits for it
+        sys.stderr.flush()
+        os._exit(code)  # what it imported is not torn down: nobody waits for it
 
 
 class _Server:
-    """Imports, and keeps one *spare*: a child forked from it that waits on the listening socket.
+    """Imports, and keeps two *spares*: children forked from it that wait on the listening socket.
 
     The spare takes the next connection itself, so a fork never waits for the import the server
     is in (torch.export's takes 1.7 s) nor for a fork of a 1 GB process (30 ms): a stage request
     finds the spare already forked and the spare becomes the stage process. Other requests (a
     lease, a preload) it hands to the server over their private channel, with their descriptors;
-    the server forks the next spare at once, and a fresher one when an import ends that the
-    waiting spare lacks. The server, the spares' parent, reaps them and sends each stage's exit
+    the server forks the next spare at once, and fresher ones when an import ends that the
+    waiting spares lack. The server, the spares' parent, reaps them and sends each stage's exit
     code to its client, as multiprocessing's forkserver does."""
 
     def __init__(self, listener: socket.socket, lock: Path):
@@ -206,7 +213,7 @@ class _Server:
         self.pending: deque[str] = deque()
         self.done: set[str] = set()
         self.leases: set[socket.socket] = set()
-        self.spare: tuple[int, socket.socket] | None = None  # its pid and its channel
+        self.spares: set[socket.socket] = set()  # the channels of the spares waiting
         self.channels: dict[socket.socket, int] = {}  # every spare's channel that is open, to its pid
         self.children: dict[int, int] = {}  # a stage's pid -> the descriptor its exit code goes to
         self.exited: dict[int, int] = {}  # exit codes of stages whose descriptor has not come yet
@@ -228,14 +235,14 @@ class _Server:
         signal.set_wakeup_fd(self.signal_w)
         self.selector.register(self.signal_r, selectors.EVENT_READ)
         while True:
-            if self.spare is None and (FIRST in self.done or FIRST not in self.pending):
+            while len(self.spares) < SPARES and (FIRST in self.done or FIRST not in self.pending):
                 self._fork_spare()
             ready = [key.fileobj for key, _ in self.selector.select(0 if self.pending else None)]
             if not ready and self.pending:
                 started = time.monotonic()
                 self._import(self.pending.popleft())
-                if self.spare and (time.monotonic() - started >= FRESHEN_AFTER_S or not self.pending):
-                    self._retire_spare()
+                if time.monotonic() - started >= FRESHEN_AFTER_S or not self.pending:
+                    self._retire_spares()
                 continue
             for source in ready:  # channels first: a stage's descriptor before its exit code
                 if source in self.channels:
@@ -279,19 +286,19 @@ class _Server:
             finally:
                 os._exit(code)
         theirs.close()
-        self.spare = (pid, mine)
+        self.spares.add(mine)
         self.channels[mine] = pid
         self.selector.register(mine, selectors.EVENT_READ)
 
-    def _retire_spare(self) -> None:
-        """Tell the waiting spare to leave (it may have taken a request meanwhile: its channel
+    def _retire_spares(self) -> None:
+        """Tell the waiting spares to leave (one may have taken a request meanwhile: its channel
         stays open until it says so or ends)."""
-        pid, channel = self.spare
-        self.spare = None
-        try:
-            channel.sendall(b"x")
-        except OSError:
-            pass
+        for channel in self.spares:
+            try:
+                channel.sendall(b"x")
+            except OSError:
+                pass
+        self.spares.clear()
 
     def _from_spare(self, channel: socket.socket) -> None:
         """What a spare hands over: a stage it became (its exit code's descriptor), a request
@@ -323,8 +330,7 @@ class _Server:
             self.want(message["modules"])
 
     def _close_channel(self, channel: socket.socket, became_stage: bool = False) -> None:
-        if self.spare and self.spare[1] is channel:
-            self.spare = None  # it became a stage, or ended: the loop forks the next one
+        self.spares.discard(channel)  # it became a stage, or ended: the loop forks the next one
         pid = self.channels.pop(channel, None)
         if not became_stage:
             self.exited.pop(pid, None)
@@ -368,8 +374,7 @@ class _Server:
         if not locked.__enter__():
             return False
         if not self._queued():
-            if self.spare:
-                self._retire_spare()
+            self._retire_spares()
             while self.channels:  # every spare says what it took, or ends
                 for key, _ in self.selector.select(1.0):
                     if key.fileobj in self.channels:
