@@ -21,7 +21,6 @@ memory limit and scancel reach), never shared.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os

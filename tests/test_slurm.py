@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import isolation
 from tests.conftest import NATIVE_ONLY, ROOT, TEST_CONF
 from tests.slurm_cluster import jobs, one_node_cluster
 
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.slow  # 95 s on 2 cores: make test-all and make cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with one_node_cluster(tmp_path_factory.mktemp("slurm")) as env:
-        # a Slurm job's stages stay in its process tree: not the suite's shared server
-        yield {k: v for k, v in env.items() if k not in (isolation.SWEEP_DIR, isolation.SWEEP_FORMATS)}
+        yield env  # a Slurm job's stages fork from a server of its own (SLURM_JOB_ID), in its process tree
 
 
 def command(cache: Path, out: Path, checkpoint: Path, *extra: str, formats: str = "onnx,pte") -> list[str]:

@@ -938,3 +938,29 @@ def test_lowered_weights_wait_in_files_and_the_pte_is_byte_for_byte_the_same(tmp
     assert not (tmp_path / "constants").exists()  # the files go once the .pte is written
     _lower_linear(tmp_path / "plain.pte")
     assert (tmp_path / "filed.pte").read_bytes() == (tmp_path / "plain.pte").read_bytes()
+
+
+def test_onnxscript_still_reparses_each_torchlib_function_on_every_registry_build():
+    """onnxscript 0.7.2's `function_ir` is a plain property that parses the function's source
+    each time, so torch's per-export registry re-parses ~500 of them (stages/upstream/onnxscript.py)."""
+    from onnxscript._internal.values import OnnxFunction
+
+    assert isinstance(OnnxFunction.__dict__["function_ir"], property)
+
+
+def test_torchlibs_operator_list_is_built_once_a_process_and_exports_still_work(tmp_path):
+    from onnxscript._framework_apis import torch_2_11
+
+    from stages.upstream.onnxscript import cache_torchlib_ops
+
+    cache_torchlib_ops()
+    cache_torchlib_ops()  # installs once
+    assert torch_2_11.get_torchlib_ops() is torch_2_11.get_torchlib_ops()
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    program = torch.onnx.export(model, (torch.randn(2, 4),), dynamo=True, verbose=False)
+    program.save(str(tmp_path / "m.onnx"))
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {program.model.graph.inputs[0].name: x})[0]
+    np.testing.assert_allclose(got, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)

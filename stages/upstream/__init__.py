@@ -6,6 +6,8 @@ without it: when a pin moves and that test starts failing, the workaround can go
 
     onnxruntime.py  quantize_static crash on multi-dim LayerNorm scales; u8*s8 saturation on x86;
                     NchwcTransformer segfault on fp16 graphs; QLinearAveragePool with ceil_mode
+    onnxscript.py   torchlib's operator list re-parsed from the functions' sources on every
+                    torch.onnx export (0.4 s each): built once a process
     executorch.py   integer scalars made float by XNNPACKQuantizer; fp16 LayerNorm kernel;
                     dynamic batch narrowed by the CPU convolution backend choice while lowering;
                     dynamic batch pinned by the edge IR validator on list-returning ops;
