@@ -13,7 +13,8 @@ a stage forked before the server has a library imports it itself. The server nev
 holds no thread of its own when it forks (the preload's warm-ups run with one intra-op thread).
 
 Protocol (a Unix socket under the temporary directory): a connection sends one pickled request,
-{"op": "lease"} (kept open), {"op": "preload", "modules": [...]}, or {"op": "fork"} with the
+{"op": "lease"} (kept open), {"op": "preload", "modules": [...]}, {"op": "status"} (answered
+with what it has imported), or {"op": "fork"} with the
 descriptors multiprocessing's forkserver takes; a fork is answered as that server answers one
 (the child's pid, then its exit code, on the descriptor passed for it), so multiprocessing's
 Popen reads it unchanged. A Slurm job's server is its own (in the job's process tree, which its
@@ -88,6 +89,17 @@ def lease(preload: Iterable[str]) -> Lease:
             _send(address, {"op": "preload", "modules": preload})
         connection.sendall(_frame({"op": "lease", "pid": os.getpid()}))
     return Lease(address, connection, set(preload))
+
+
+def status(address: str) -> dict:
+    """What the server at address has imported and has still to: {"pid", "done", "pending"}."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(address)
+        socket.send_fds(client, [_frame({"op": "status"})], [])
+        data = b""
+        while chunk := client.recv(1 << 16):
+            data += chunk
+    return pickle.loads(data)
 
 
 def fork_request(address: str, fds: list[int]) -> None:
@@ -174,6 +186,7 @@ class _quiet_unlink:
 
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
 SPARES = 2  # the second serves a request that comes while the server is in a long import
+SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) takes seconds: the jobs' stages go on meanwhile
 FRESHEN_AFTER_S = 0.25  # an import at least this long makes the waiting spares worth replacing
 
 
@@ -238,8 +251,11 @@ class _Server:
                 self._fork_spare()
             ready = [key.fileobj for key, _ in self.selector.select(0 if self.pending else None)]
             if not ready and self.pending:
+                name = self._next()
+                while ":" in name and len(self.spares) < SPARES_BEFORE_WARM_UP:
+                    self._fork_spare()
                 started = time.monotonic()
-                self._import(self.pending.popleft())
+                self._import(name)
                 if time.monotonic() - started >= FRESHEN_AFTER_S or not self.pending:
                     self._retire_spares()
                 continue
@@ -253,6 +269,15 @@ class _Server:
                     self._lease_ended(source)
             if self.leased and not self.leases and self._leave():
                 return
+
+    def _next(self) -> str:
+        """The next module to import: imports before warm-ups (every stage needs the first,
+        the second only make some faster), each in the order asked."""
+        for index, name in enumerate(self.pending):
+            if ":" not in name:
+                del self.pending[index]
+                return name
+        return self.pending.popleft()
 
     def _import(self, name: str) -> None:
         """A module, or `module:function` (a warm-up whose results the children inherit)."""
@@ -327,6 +352,16 @@ class _Server:
             for fd in fds:
                 os.close(fd)
             self.want(message["modules"])
+        elif message["kind"] == "status":
+            with socket.socket(fileno=fds[0]) as connection:
+                connection.settimeout(10)
+                try:
+                    connection.sendall(pickle.dumps({"pid": os.getpid(), "done": sorted(self.done),
+                                                     "pending": list(self.pending)}))
+                except OSError:
+                    pass
+            for fd in fds[1:]:
+                os.close(fd)
 
     def _close_channel(self, channel: socket.socket, became_stage: bool = False) -> None:
         self.spares.discard(channel)  # it became a stage, or ended: the loop forks the next one

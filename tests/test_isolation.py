@@ -131,16 +131,24 @@ def _pattern_graphs_built() -> int:
 
 def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch, tmp_path):
     """Its children inherit the graphs (4.3 s a lowering otherwise); a thread in the server when
-    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock."""
+    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock; its
+    warm-ups (a lowering, a PT2E quantization) start none either."""
     import subprocess
     import sys
+    import time
 
     from pipelines import isolation
 
+    from pipelines import stage_server
+
     _fresh_server(monkeypatch, tmp_path)
     isolation.start(["pte"])
+    deadline = time.monotonic() + 120
+    while (state := stage_server.status(isolation._lease.address))["pending"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert {"stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up"} <= set(state["done"])
     assert _wait_for(_pattern_graphs_built, 1) == 1
-    server = isolation.call("probe", os.getppid)[0]
+    server = state["pid"]
     imported_only = subprocess.run(
         [sys.executable, "-c", "import os, torch, torch._dynamo, executorch.exir, executorch.devtools, onnx; "
          "print(len(os.listdir('/proc/self/task')))"], capture_output=True, text=True, check=True).stdout

@@ -941,11 +941,11 @@ def test_lowered_weights_wait_in_files_and_the_pte_is_byte_for_byte_the_same(tmp
 
 
 def test_onnxscript_still_reparses_each_torchlib_function_on_every_registry_build():
-    """onnxscript 0.7.2's `function_ir` is a plain property that parses the function's source
+    """onnxscript 0.7.2's `TracedOnnxFunction.function_ir` (torchlib's functions) is a plain property that parses the function's source
     each time, so torch's per-export registry re-parses ~500 of them (stages/upstream/onnxscript.py)."""
-    from onnxscript._internal.values import OnnxFunction
+    from onnxscript._internal.values import TracedOnnxFunction
 
-    assert isinstance(OnnxFunction.__dict__["function_ir"], property)
+    assert isinstance(TracedOnnxFunction.__dict__["function_ir"], property)
 
 
 def test_torchlibs_operator_list_is_built_once_a_process_and_exports_still_work(tmp_path):

@@ -59,7 +59,7 @@ LIBRARIES = {
     "pte": ("executorch.exir", "executorch.runtime", "executorch.devtools", "torchao.quantization.pt2e.quantize_pt2e",
             "executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch.devtools.bundled_program.serialize",
             "executorch.extension.flat_tensor", "executorch.kernels", "stages.formats.pte", "stages.formats.pte_precisions",
-            "stages.upstream.executorch:build_pattern_graphs"),
+            "stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up"),
 }
 
 

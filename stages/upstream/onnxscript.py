@@ -11,7 +11,8 @@ def cache_torchlib_ops() -> None:
     (torch/onnx/_internal/exporter/_compat.py:149, `ONNXRegistry.from_torchlib`), which calls
     onnxscript's `get_torchlib_ops` (onnxscript/_framework_apis/torch_2_5.py:115, re-exported by
     torch_2_11.py, the module torch imports); that reads `function_ir` of ~500 functions, a
-    property that re-parses each one's Python source (onnxscript/_internal/values.py:490):
+    property that re-parses each one's Python source (onnxscript/_internal/values.py:491,
+    `TracedOnnxFunction.function_ir`):
     0.37 s an export here, 0.8 s the first. The list is the same every time (functions
     registered at import), so it is kept. The stage server calls this (stages.formats.LIBRARIES)
     and its children inherit the list; a process of its own builds it at its first export.
