@@ -64,14 +64,20 @@ class Lease:
         """Ask the server to import these too (it does between forks; the caller does not wait)."""
         new = [m for m in modules if m not in self.requested]
         if new:
-            _send(self.address, {"op": "preload", "modules": new})
             self.requested.update(new)
+            try:
+                _send(self.address, {"op": "preload", "modules": new})
+            except OSError:  # it has gone: the next fork starts the host's next one, with these
+                pass
 
 
 def lease(preload: Iterable[str]) -> Lease:
     """The host's server for this environment, started if there is none, leased by this process
     (until it ends or closes the lease) and asked to import `preload`."""
-    directory = Path(tempfile.gettempdir()) / f"pipeline-stage-servers-{os.getuid()}"
+    temporary = Path(tempfile.gettempdir())
+    if len(str(temporary)) > 48:  # a socket's path has at most 107 bytes
+        temporary = Path("/tmp")
+    directory = temporary / f"pipeline-stage-servers-{os.getuid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
     private = os.environ.get("SLURM_JOB_ID")
     name = identity() if not private else f"slurm-{private}-{os.getpid()}"
@@ -108,10 +114,11 @@ def fork_request(address: str, fds: list[int]) -> None:
 
 
 def identity() -> str:
-    """What a server's children inherit: the interpreter, this checkout and its code as it is
-    now, and the variables read when libraries load."""
+    """What a server's children inherit: this host (a temporary directory can be shared), the
+    interpreter, this checkout and its code as it is now, and the variables read when libraries
+    load."""
     digest = hashlib.sha256()
-    for part in (sys.executable, str(ROOT), *util._args_from_interpreter_flags()):
+    for part in (socket.gethostname(), sys.executable, str(ROOT), *util._args_from_interpreter_flags()):
         digest.update(part.encode() + b"\0")
     for name in sorted(os.environ):
         if name.startswith(IMPORT_TIME_PREFIXES):
@@ -131,7 +138,7 @@ def _start(address: str, lock: Path, preload: list[str], connection: socket.sock
         os.chmod(address, 0o600)
         listener.listen(128)
         connection.connect(address)
-        log = open(Path(address).with_suffix(".log"), "ab")
+        log = open(Path(address).with_suffix(".log"), "wb")  # the last server's, for this environment
         command = [sys.executable, *util._args_from_interpreter_flags(), "-c",
                    f"from pipelines.stage_server import main; main({listener.fileno()}, {str(lock)!r}, {preload!r})"]
         subprocess.Popen(command, pass_fds=[listener.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL,

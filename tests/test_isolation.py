@@ -123,6 +123,32 @@ def test_the_server_preloads_the_formats_a_process_needs(monkeypatch, tmp_path):
     assert isolation.call("probe", os.getppid)[0] == server
 
 
+def _released(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, "released"))
+
+
+def test_a_stage_never_waits_for_what_the_server_is_importing(monkeypatch, tmp_path):
+    """A spare forked before the server went into a long import (here a warm-up that blocks
+    until the test releases it) takes the stage: the stage runs, and ends, while the server
+    is still inside it."""
+    import time
+
+    from pipelines import isolation, stage_server
+
+    _fresh_server(monkeypatch, tmp_path)
+    isolation.start(["onnx"])
+    deadline = time.monotonic() + 120
+    while stage_server.status(isolation._lease.address)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    isolation._lease.preload(["tests.server_probe:block_until_released"])
+    while not (tmp_path / "blocking").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "blocking").exists()
+    assert isolation.call("probe", _released, str(tmp_path))[0] is False  # ran inside the blocked warm-up
+    assert isolation.call("probe", _released, str(tmp_path))[0] is False  # and a second: the other spare
+    (tmp_path / "released").touch()
+
+
 def _pattern_graphs_built() -> int:
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d
 
