@@ -40,14 +40,17 @@ BASE = ["torch", "stages", "pipelines.runner", "stages.support.model_builder", "
 _lease: stage_server.Lease | None = None  # this process's use of the host's server
 
 
-def start(formats: Iterable[str] = ()) -> None:
+def start(formats: Iterable[str] = (), warm_up: bool = False) -> None:
     """Lease the host's stage server (started if there is none) and have it import torch and
-    the libraries of `formats`. Never waits: the server imports while the caller goes on, and
-    a fork waits only for the module it is importing then."""
+    the libraries of `formats`, and with `warm_up` run their warm-ups (stages.formats.WARM_UPS:
+    for a process that forks many stages). Never waits: the server imports while the caller
+    goes on, and a fork waits only for the module it is importing then."""
     global _lease
-    from stages.formats import LIBRARIES
+    from stages.formats import LIBRARIES, WARM_UPS
 
-    wanted = [*BASE, *chain(*(LIBRARIES.get(name, ()) for name in formats))]
+    formats = list(formats)
+    wanted = [*BASE, *chain(*(LIBRARIES.get(name, ()) for name in formats)),
+              *chain(*(WARM_UPS.get(name, ()) for name in formats if warm_up))]
     if _lease is None:
         with logs.libraries_to_log():
             _lease = stage_server.lease(wanted)

@@ -39,12 +39,19 @@ def transformers_installed() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_stage_server() -> None:
-    """Every test worker leases the host's stage server with both formats for the whole session
-    (pipelines/stage_server.py), so it is started once: the workers and every `python run.py` a
-    test starts fork their stages from it (each paid 2-7 s for a server of its own before)."""
-    from pipelines import isolation
+    """Every test worker leases the host's stage server with both formats (and their warm-ups)
+    for the whole session (pipelines/stage_server.py), so it is started once: the workers and
+    every `python run.py` a test starts fork their stages from it (each paid 2-7 s for a server
+    of its own before). It waits for the server's imports and warm-ups: every stage of the suite
+    then forks hot, where a stage forked earlier would import what the server is importing."""
+    import time
 
-    isolation.start(["onnx", "pte"])
+    from pipelines import isolation, stage_server
+
+    isolation.start(["onnx", "pte"], warm_up=True)
+    deadline = time.monotonic() + 180
+    while stage_server.status(isolation._lease.address)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.25)
 
 
 # the tests of the pipeline run their target's devices natively only: emulated CPUs cost tens of

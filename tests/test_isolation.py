@@ -168,7 +168,7 @@ def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_th
     from pipelines import stage_server
 
     _fresh_server(monkeypatch, tmp_path)
-    isolation.start(["pte"])
+    isolation.start(["pte"], warm_up=True)
     deadline = time.monotonic() + 120
     while (state := stage_server.status(isolation._lease.address))["pending"] and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -50,17 +50,20 @@ class Job:
 
 
 # the libraries each format's stages import, preloaded once by the host's stage server
-# (pipelines/isolation.py) so no stage pays their import: an .onnx cell never imports ExecuTorch.
-# `module:function` is a warm-up the server runs once, whose results every stage inherits.
+# (pipelines/isolation.py) so no stage pays their import: an .onnx cell never imports ExecuTorch
 LIBRARIES = {
     "onnx": ("onnx", "onnxruntime", "onnxruntime.quantization", "torch.onnx._internal.exporter._compat",
              "onnxscript.function_libs.torch_lib.ops", "onnxscript.rewriter.rules.fusion",
-             "stages.formats.onnx", "stages.formats.onnx_precisions", "stages.upstream.onnxscript:cache_torchlib_ops"),
+             "stages.formats.onnx", "stages.formats.onnx_precisions"),
     "pte": ("executorch.exir", "executorch.runtime", "executorch.devtools", "torchao.quantization.pt2e.quantize_pt2e",
             "executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch.devtools.bundled_program.serialize",
-            "executorch.extension.flat_tensor", "executorch.kernels", "stages.formats.pte", "stages.formats.pte_precisions",
-            "stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up"),
+            "executorch.extension.flat_tensor", "executorch.kernels", "stages.formats.pte", "stages.formats.pte_precisions"),
 }
+# warm-ups (`module:function`) the server runs once for processes that fork many stages (a sweep's
+# jobs, a test session): every stage forked after one inherits what it built. A single run
+# asks for none: its one lowering would wait for the server's, or build the same beside it.
+WARM_UPS = {"onnx": ("stages.upstream.onnxscript:cache_torchlib_ops",),
+            "pte": ("stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up")}
 
 
 def backend(name: str) -> ModuleType:
