@@ -106,8 +106,8 @@ def _missing(sweep_dir: Path, found: set[tuple[str, str, str]]) -> list[dict[str
         if (model, precision, fmt) not in found:
             rows.append({"model": model, "part": "-", "precision": precision, "format": fmt,
                          "status": "fail", "warnings": [], "float_layers": [],
-                         "error": "no report: the job died or never ran (a native crash ends a "
-                                  f"joblib sweep); see {sweep_dir}/{model}_{precision}_{fmt}/run.log",
+                         "error": "no report: the job died or never ran (a native crash can end a "
+                                  f"sweep); see {sweep_dir}/{model}_{precision}_{fmt}/run.log",
                          **{k: None for k in ("file_bytes", "compressed_bytes", "max_abs", "cosine",
                                               "accuracy_eager", "accuracy", "top1_agreement", "seconds",
                                               "artifact", "diagnosis")}, "job_dir": None,

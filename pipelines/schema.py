@@ -433,7 +433,7 @@ class RootConfig:
 def register() -> None:
     """Register the schema so conf/config.yaml can name it in its defaults, the resolver that
     names a raw-input cell's sweep directory (`..._int8_onnx_raw`), and those that size sweep
-    jobs by memory (`sweep_jobs`: parallel joblib jobs; `job_memory_gb`: a Slurm job's request)."""
+    jobs by memory (`sweep_jobs`: parallel local jobs; `job_memory_gb`: a Slurm job's request)."""
     from omegaconf import OmegaConf
 
     from .memory import job_memory_gb, sweep_jobs

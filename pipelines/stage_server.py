@@ -22,6 +22,7 @@ memory limit and scancel reach), never shared.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import os
@@ -94,6 +95,7 @@ def lease(preload: Iterable[str]) -> Lease:
         else:
             _send(address, {"op": "preload", "modules": preload})
         connection.sendall(_frame({"op": "lease", "pid": os.getpid()}))
+    atexit.register(connection.close)  # the kernel would close it too; Python warns when it does
     return Lease(address, connection, set(preload))
 
 

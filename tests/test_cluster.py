@@ -1,5 +1,5 @@
 """Sweeps past one process: Hydra's submitit launcher (as on a cluster, here its local executor)
-and a joblib sweep started at the same moment on one cache: every shared stage is computed once,
+and a local sweep started at the same moment on one cache: every shared stage is computed once,
 both matrices are complete, and afterwards every entry still checks out byte for byte."""
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def stage_misses(manifests: list[dict]) -> Counter:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, demo_checkpoint) -> Path:
-    """`python run.py -m recipe=matrix` on the demo model, cold cache (joblib, 2 workers)."""
+    """`python run.py -m recipe=matrix` on the demo model, cold cache (the local launcher, 2 jobs at once)."""
     root = tmp_path_factory.mktemp("matrix")
     result = subprocess.run([sys.executable, "run.py", "-m", "recipe=matrix", NATIVE_ONLY, f"cache.dir={root}/cache",
                              f"hydra.sweep.dir={root}/sweep"], cwd=ROOT, capture_output=True, text=True,
