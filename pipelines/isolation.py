@@ -8,13 +8,15 @@ Why a fork server and not a plain fork of the job: GNU OpenMP is not fork-safe, 
 from a process that already ran a multi-threaded torch op hangs on its first parallel op. The
 server (pipelines/stage_server.py) imports the libraries once and never computes, so forks are
 cheap and safe. It is the host's, shared by every job that uses it (a sweep's, overlapping runs,
-test workers) and gone when the last has ended. A job leases it at once (`start()`, from run.py,
-before Hydra composes: torch imports meanwhile), asks for its format's libraries
-(stages.formats.LIBRARIES: ExecuTorch or onnxruntime) when it knows the format, and forks its
-first stage at its first cache miss; a run of hits waits for nothing.
+test workers) and gone when the last has ended. A single run leases it at once (run.py, before
+Hydra composes: torch imports meanwhile) and asks for its format's libraries
+(stages.formats.LIBRARIES: ExecuTorch or onnxruntime) when it knows the format; a sweep's job
+leases it at its first cache miss, so a run of hits starts none, and asks for the formats'
+warm-ups too (stages.formats.WARM_UPS), which pay off over many stages.
 A child gets the caller's environment, working directory, sys.path, log file and terminal with
-each call: the server was started earlier and may have older ones. A patch applied to a module in the caller (a test's
-monkeypatch) does not reach the child: run such a job with `isolate_stages=false`.
+each call: the server was started earlier and may have older ones. A patch applied to a module
+in the caller (a test's monkeypatch) does not reach the child: run such a job with
+`isolate_stages=false`.
 """
 from __future__ import annotations
 
