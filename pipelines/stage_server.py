@@ -23,7 +23,7 @@ memory limit and scancel reach), never shared.
 from __future__ import annotations
 
 import atexit
-import fcntl
+import contextlib
 import hashlib
 import os
 import pickle
@@ -42,6 +42,8 @@ from importlib import import_module
 from multiprocessing import forkserver, util
 from pathlib import Path
 from typing import Iterable
+
+from .locks import PosixLock
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("pipelines", "stages")  # the project's packages a server imports: its code is part of its identity
@@ -84,12 +86,12 @@ def lease(preload: Iterable[str]) -> Lease:
     name = identity() if not private else f"slurm-{private}-{os.getpid()}"
     address, lock = str(directory / f"{name}.sock"), directory / f"{name}.lock"
     preload = list(preload)
-    with _locked(lock):
+    with PosixLock(lock):
         connection = socket.socket(socket.AF_UNIX)
         try:
             connection.connect(address)
         except (FileNotFoundError, ConnectionRefusedError):  # none, or one that died without its exit
-            with _quiet_unlink():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(address)
             _start(address, lock, preload, connection, detach=not private)
         else:
@@ -159,36 +161,6 @@ def _send(address: str, request: dict, fds: list[int] = ()) -> None:
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(address)
         socket.send_fds(client, [_frame(request)], list(fds))
-
-
-class _locked:
-    """flock on a file under the servers' directory: a client joining and a server leaving
-    exclude each other (a local directory: flock is enough)."""
-
-    def __init__(self, path: Path, wait: bool = True):
-        self.path, self.wait, self.fd = path, wait, None
-
-    def __enter__(self) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            return False
-        return True
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-
-class _quiet_unlink:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb) -> bool:
-        return kind is FileNotFoundError
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -413,8 +385,8 @@ class _Server:
     def _leave(self) -> bool:
         """With no lease left: leave, unless a client is joining (it holds the lock while it
         connects, and its connection waits in the listener's queue or in a spare's hands)."""
-        locked = _locked(self.lock, wait=False)
-        if not locked.__enter__():
+        locked = PosixLock(self.lock)
+        if not locked.acquire(blocking=False):
             return False
         if not self._queued():
             self._retire_spares()
@@ -423,9 +395,9 @@ class _Server:
                     if key.fileobj in self.channels:
                         self._from_spare(key.fileobj)
         if self.leases or self._queued():
-            locked.__exit__()
+            locked.release()
             return False
-        with _quiet_unlink():
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
         return True  # the lock goes with the process
 

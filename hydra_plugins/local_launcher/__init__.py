@@ -12,6 +12,7 @@ its signal, and the sweep goes on to its other jobs. (No `from __future__ import
 Hydra's plugin scan runs this module outside sys.modules, where a dataclass cannot resolve it.)
 """
 
+import contextlib
 import logging
 import os
 import pickle
@@ -22,7 +23,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -75,12 +76,12 @@ class LocalLauncher(Launcher):
                     results[index] = _result(path, status, index, self.config)
         except BaseException:  # Ctrl-C or an error here: no job may outlive the sweep
             for pid in running:
-                with _quiet():
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
             for pid, (_, path) in running.items():
-                with _quiet():
+                with contextlib.suppress(OSError):
                     os.waitpid(pid, 0)
-                with _quiet():
+                with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
         return [results[index] for index in sorted(results)]
@@ -128,7 +129,7 @@ def _result(path: str, status: int, index: int, config: DictConfig) -> JobReturn
     except (OSError, EOFError, pickle.UnpicklingError):
         value = None
     finally:
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(path)
     if isinstance(value, JobReturn):
         return value
@@ -142,11 +143,3 @@ def _result(path: str, status: int, index: int, config: DictConfig) -> JobReturn
     failed.status = JobStatus.COMPLETED
     failed.return_value = {"status": "fail", "error": why, "parts": []}
     return failed
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, (OSError, ChildProcessError))
