@@ -15,6 +15,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import stages  # noqa: E402, F401  (no torch: a sweep's jobs, forked from this process, inherit it)
+from pipelines.app import run_job  # noqa: E402
 from pipelines.schema import register  # noqa: E402
 
 register()
@@ -22,8 +24,6 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from pipelines.app import run_job
-
     result = run_job(cfg)
     if HydraConfig.get().mode == RunMode.RUN and result["status"] == "fail":
         sys.exit(1)
