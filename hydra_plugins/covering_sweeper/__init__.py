@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from hydra.types import RunMode
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 
@@ -27,25 +28,43 @@ class CoveringSweeper(BasicSweeper):
     """BasicSweeper composes every job's config before launching any (to fail early), then the
     launcher composes each again: a warm sweep spends most of its time composing. This one
     composes the first job whole (a mistyped key or value given to every job fails there), and
-    for the jobs that bring the other swept values only their defaults lists (a group option
-    that does not exist, `precision=nope`, fails there): before anything runs, as before, at
-    about half the cost. A swept value of the wrong type for a key fails in its own job. Once
+    checks the group options the other jobs bring against the config repository (a group option
+    that does not exist, `precision=nope`, fails there): before anything runs, as before, at a
+    fraction of the cost. A swept value of the wrong type for a key fails in its own job. Once
     the first batch composes, the sweep's start and number of cells go to its event stream
     (pipelines/events.py), for the progress its jobs show."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         jobs = covering_jobs(batch)
         super().validate_batch_is_legal(jobs[:1])
-        loader = self.hydra_context.config_loader
-        common = list(OmegaConf.to_container(self.config.hydra.overrides.hydra))
-        for overrides in jobs[1:]:
-            loader.compute_defaults_list(self.config.hydra.job.config_name, common + list(overrides),
-                                         RunMode.RUN)
+        first = set(jobs[0]) if jobs else set()
+        _check_group_options(self.hydra_context.config_loader, self.config,
+                             [o for overrides in jobs[1:] for o in overrides if o not in first])
         if self.batch_index == 1:  # the first batch composes: the sweep starts, with its size
             from pipelines.events import EVENTS, append
 
             append(Path(self.config.hydra.sweep.dir) / EVENTS, "sweep_start",
                    jobs=sum(len(batch) for batch in self.overrides))
+
+
+def _check_group_options(loader, config, overrides: List[str]) -> None:
+    """Each `group=option` among overrides names an option the group has, in the repository
+    the sweep's config was composed from (its hydra.searchpath included): Hydra's own error,
+    with the options there are, when not."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not parsed:
+        return
+    # Hydra 1.3.8's own step that makes the repository a composition reads (searchpath applied)
+    _, repo = loader._parse_overrides_and_create_caching_repo(config.hydra.job.config_name, [])
+    for override in parsed:
+        group = override.key_or_group
+        if override.is_delete() or override.is_hydra_override() or not repo.group_exists(group):
+            continue
+        option = override.get_value_element_as_str()
+        if not repo.config_exists(f"{group}/{option}"):
+            options = "\n".join(f"\t{name}" for name in repo.get_group_options(group))
+            raise ConfigCompositionException(f"Could not find '{group}/{option}'\n\n"
+                                             f"Available options in '{group}':\n{options}")
 
 
 @dataclass
