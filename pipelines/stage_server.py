@@ -168,7 +168,7 @@ def _send(address: str, request: dict, fds: list[int] = ()) -> None:
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
 SPARES = 2  # the second serves a request that comes while the server is in a long import
 SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) takes seconds: the jobs' stages go on meanwhile
-FRESHEN_AFTER_S = 0.25  # an import at least this long makes the waiting spares worth replacing
+FRESHEN_AFTER_S = 0.25  # imports at least this long since the spares' fork make them worth replacing
 
 
 def main(listener_fd: int, lock: str, preload: list[str]) -> None:
@@ -211,6 +211,7 @@ class _Server:
         self.children: dict[int, int] = {}  # a stage's pid -> the descriptor its exit code goes to
         self.exited: dict[int, int] = {}  # exit codes of stages whose descriptor has not come yet
         self.leased = False  # a first lease waits in the queue until the first spare takes it
+        self.unshared_s = 0.0  # seconds of imports done since the spares waiting were forked
         self.selector = selectors.DefaultSelector()
 
     def want(self, modules: Iterable[str]) -> None:
@@ -237,7 +238,8 @@ class _Server:
                     self._fork_spare()
                 started = time.monotonic()
                 self._import(name)
-                if time.monotonic() - started >= FRESHEN_AFTER_S or not self.pending:
+                self.unshared_s += time.monotonic() - started
+                if self.unshared_s >= FRESHEN_AFTER_S or not self.pending:
                     self._retire_spares()
                 continue
             for source in ready:  # channels first: a stage's descriptor before its exit code
@@ -304,6 +306,7 @@ class _Server:
             except OSError:
                 pass
         self.spares.clear()
+        self.unshared_s = 0.0
 
     def _from_spare(self, channel: socket.socket) -> None:
         """What a spare hands over: a stage it became (its exit code's descriptor), a request
