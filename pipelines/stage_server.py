@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import hashlib
 import os
 import pickle
@@ -168,7 +169,7 @@ def _send(address: str, request: dict, fds: list[int] = ()) -> None:
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
 SPARES = 2  # the second serves a request that comes while the server is in a long import
 SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) takes seconds: the jobs' stages go on meanwhile
-FRESHEN_AFTER_S = 0.25  # imports at least this long since the spares' fork make them worth replacing
+FRESHEN_AFTER_S = 0.1  # imports at least this long since the spares' fork make them worth replacing
 
 
 def main(listener_fd: int, lock: str, preload: list[str]) -> None:
@@ -274,6 +275,7 @@ class _Server:
         except Exception as exc:  # the stage that needs it imports it and reports
             print(f"stage server {os.getpid()}: preloading {name} failed: {exc!r}", file=sys.stderr, flush=True)
         else:
+            gc.freeze()  # the children's collections (each stage has several) skip what it imported
             print(f"stage server {os.getpid()}: at {time.time():.3f} {name} in {time.monotonic() - started:.2f} s",
                   file=sys.stderr, flush=True)
 
