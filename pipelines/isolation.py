@@ -75,14 +75,15 @@ def preload(formats: Iterable[str]) -> None:
         start(formats)
 
 
-def _connect(fds: list[int]) -> tuple[int, int]:
-    """multiprocessing's ForkServer.connect_to_new_process (3.11), to the host's server."""
+def _connect(fds: list[int], after: list[str]) -> tuple[int, int]:
+    """multiprocessing's ForkServer.connect_to_new_process (3.11), to the host's server, for a
+    child forked once the server has imported `after`."""
     resource_tracker.ensure_running()
     parent_r, child_w = os.pipe()
     child_r, parent_w = os.pipe()
     alive = os.open(os.devnull, os.O_RDONLY)  # the child's: only a server of its own reads it
     try:
-        stage_server.fork_request(_lease.address, [child_r, child_w, alive, resource_tracker.getfd(), *fds])
+        stage_server.fork_request(_lease.address, [child_r, child_w, alive, resource_tracker.getfd(), *fds], after)
         return parent_r, parent_w
     except BaseException:
         os.close(parent_r)
@@ -108,7 +109,7 @@ class _Popen(popen_forkserver.Popen):
             reduction.dump(process_obj, buf)
         finally:
             popen_forkserver.set_spawning_popen(None)
-        self.sentinel, w = _connect(self._fds)
+        self.sentinel, w = _connect(self._fds, process_obj.after)
         _parent_w = os.dup(w)
         self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
@@ -117,6 +118,8 @@ class _Popen(popen_forkserver.Popen):
 
 
 class _StageProcess(ForkServerProcess):
+    after: list[str] = []  # modules the server imports before it forks this one
+
     @staticmethod
     def _Popen(process_obj):
         return _Popen(process_obj)
@@ -143,9 +146,11 @@ def _console_fd() -> int | None:
         return None
 
 
-def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | None]:
+def call(stage: str, fn: Callable[..., Any], *args: Any, after: Iterable[str] = ()) -> tuple[Any, float | None]:
     """fn(*args) in a child process: its return value (or its PipelineError, raised here) and
-    the child's peak resident memory in MiB."""
+    the child's peak resident memory in MiB. The child is forked once the server has imported
+    `after` (the stage's slow libraries: waiting for the server's import beats importing them
+    again in the child, with the cycle collector on)."""
     global _lease
     if _lease is None:
         start()
@@ -153,15 +158,20 @@ def call(stage: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, float | N
     console = _console_fd()
     caller = (dict(os.environ), os.getcwd(), list(sys.path), logs.current_file(),
               None if console is None else _Descriptor(console))
-    child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
+
+    def launch() -> _StageProcess:
+        process = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
+        process.after = list(after)
+        process.start()
+        return process
+
     try:
-        child.start()
+        child = launch()
     except OSError:  # the server is gone (killed): the host's next one
         requested, _lease = _lease.requested, None
         start()
         _lease.preload(requested)
-        child = _StageProcess(target=_child, args=(send, caller, fn, args), name=f"stage-{stage}")
-        child.start()
+        child = launch()
     send.close()
     try:
         outcome, value, peak = receive.recv()

@@ -57,6 +57,9 @@ class Stage:
     # facts about this host its result depends on (a latency: the CPU; a browser check: the
     # browser's version), hashed into the key so a shared cache never serves another host's
     environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # slow libraries its process imports first (torch.export: 1 s): the stage server forks it
+    # once it has them, rather than the stage importing them again meanwhile
+    libraries: tuple[str, ...] = ()
 
     def needs_for(self, view: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(view) if callable(self.needs) else self.needs
@@ -73,11 +76,12 @@ def stage(name: str, *, needs: tuple[str, ...] | Callable[[dict[str, Any]], tupl
           config: tuple[str, ...] = (),
           code: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (), reads: Callable[[DictConfig], list[str]] | None = None,
           artifacts: tuple[str, ...] = (),
-          environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+          environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+          libraries: tuple[str, ...] = ()):
     """Register `fn(ctx) -> result dict` as a pipeline stage."""
 
     def register(fn: Callable[[StageContext], dict[str, Any]]):
-        STAGES[name] = Stage(name, fn, needs, config, code, reads, artifacts, environment)
+        STAGES[name] = Stage(name, fn, needs, config, code, reads, artifacts, environment, libraries)
         return fn
 
     return register

@@ -113,9 +113,10 @@ def status(address: str) -> dict:
     return pickle.loads(data)
 
 
-def fork_request(address: str, fds: list[int]) -> None:
-    """Ask the server at address to fork a stage process (multiprocessing's descriptors)."""
-    _send(address, {"op": "fork"}, fds)
+def fork_request(address: str, fds: list[int], after: Iterable[str] = ()) -> None:
+    """Ask the server at address to fork a stage process (multiprocessing's descriptors), once
+    it has imported `after` (modules the stage would otherwise import itself, more slowly)."""
+    _send(address, {"op": "fork", "after": list(after)}, fds)
 
 
 def identity() -> str:
@@ -211,6 +212,7 @@ class _Server:
         self.spares: set[socket.socket] = set()  # the channels of the spares waiting
         self.channels: dict[socket.socket, int] = {}  # every spare's channel that is open, to its pid
         self.children: dict[int, int] = {}  # a stage's pid -> the descriptor its exit code goes to
+        self.held: list[tuple[list[str], list[int]]] = []  # stages waiting for imports: (modules, fds)
         self.exited: dict[int, int] = {}  # exit codes of stages whose descriptor has not come yet
         self.leased = False  # a first lease waits in the queue until the first spare takes it
         self.unshared_s = 0.0  # seconds of imports done since the spares waiting were forked
@@ -231,6 +233,7 @@ class _Server:
         signal.set_wakeup_fd(self.signal_w)
         self.selector.register(self.signal_r, selectors.EVENT_READ)
         while True:
+            self._release_held()
             while len(self.spares) < SPARES and (FIRST in self.done or FIRST not in self.pending):
                 self._fork_spare()
             ready = [key.fileobj for key, _ in self.selector.select(0 if self.pending else None)]
@@ -283,21 +286,26 @@ class _Server:
 
     # spares
 
-    def _fork_spare(self) -> None:
+    def _fork_spare(self, handed: list[int] | None = None) -> None:
+        """A spare, or with `handed` (a fork request's descriptors) a stage process at once."""
         mine, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 mine.close()
-                code = _Spare(self, theirs).run()
+                code = _Spare(self, theirs).run(handed)
             except Exception:
                 sys.excepthook(*sys.exc_info())
                 sys.stderr.flush()
             finally:
                 os._exit(code)
         theirs.close()
-        self.spares.add(mine)
+        if handed is None:
+            self.spares.add(mine)
+        else:
+            for fd in handed:
+                os.close(fd)
         self.channels[mine] = pid
         self.selector.register(mine, selectors.EVENT_READ)
 
@@ -336,6 +344,11 @@ class _Server:
             self.leases.add(connection)
             self.leased = True
             self.selector.register(connection, selectors.EVENT_READ)
+        elif message["kind"] == "fork":  # a stage that waits for modules the spare lacked
+            os.close(fds[0])
+            modules = [m for m in message["after"] if m not in self.done]
+            self.pending = deque([*modules, *(m for m in self.pending if m not in modules)])
+            self.held.append((message["after"], fds[1:]))
         elif message["kind"] == "preload":
             for fd in fds:
                 os.close(fd)
@@ -350,6 +363,12 @@ class _Server:
                     pass
             for fd in fds[1:]:
                 os.close(fd)
+
+    def _release_held(self) -> None:
+        """Fork the held stages whose modules have been imported (or failed to import)."""
+        while ready := next((held for held in self.held if all(m in self.done for m in held[0])), None):
+            self.held.remove(ready)  # before the fork: the child closes every other held descriptor
+            self._fork_spare(handed=ready[1])
 
     def _close_channel(self, channel: socket.socket, became_stage: bool = False) -> None:
         self.spares.discard(channel)  # it became a stage, or ended: the loop forks the next one
@@ -418,7 +437,8 @@ class _Spare:
     def __init__(self, server: _Server, channel: socket.socket):
         self.server, self.channel = server, channel
 
-    def run(self) -> int:
+    def run(self, handed: list[int] | None = None) -> int:
+        """Wait for a connection and serve it; with `handed`, become that stage at once."""
         server = self.server
         server.selector.close()
         for lease in server.leases:
@@ -427,6 +447,11 @@ class _Spare:
             other.close()
         for fd in server.children.values():
             os.close(fd)
+        for _, fds in server.held:
+            for fd in fds:
+                os.close(fd)
+        if handed is not None:
+            return self._become_stage(handed)
         while True:
             ready, _, _ = select.select([server.listener, self.channel], [], [])
             if self.channel in ready:  # retired, or the server has gone
@@ -441,7 +466,7 @@ class _Spare:
             except (OSError, EOFError, pickle.UnpicklingError, ValueError):
                 connection.close()
                 continue
-            if request["op"] != "fork":
+            if request["op"] != "fork" or not all(m in sys.modules for m in request.get("after", ())):
                 socket.send_fds(self.channel, [pickle.dumps({"kind": request["op"], **request})],
                                 [connection.fileno(), *fds])
                 connection.close()

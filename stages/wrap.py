@@ -15,7 +15,7 @@ from pipelines.registry import StageContext, plain, stage
 @stage("wrap", needs=("load_checkpoint", "clean_state_dict"),
        config=("model.arch", "model.factory", "part", "wrap.strict_export"),  # wrap.state: convert
        code=("stages.support.model_builder", "stages.support.tensors", "stages.support.state_io", "stages.support.export_errors"),
-       artifacts=("io.json",))
+       artifacts=("io.json",), libraries=("torch.export._trace",))
 def run(ctx: StageContext) -> dict:
     import torch
 

@@ -128,7 +128,7 @@ def _released(folder: str) -> bool:
 
 
 def test_a_stage_never_waits_for_what_the_server_is_importing(monkeypatch, tmp_path):
-    """A spare forked before the server went into a long import (here a warm-up that blocks
+    """Unless it names it (below), a spare forked before the server went into a long import (here a warm-up that blocks
     until the test releases it) takes the stage: the stage runs, and ends, while the server
     is still inside it."""
     import time
@@ -147,6 +147,36 @@ def test_a_stage_never_waits_for_what_the_server_is_importing(monkeypatch, tmp_p
     assert isolation.call("probe", _released, str(tmp_path))[0] is False  # ran inside the blocked warm-up
     assert isolation.call("probe", _released, str(tmp_path))[0] is False  # and a second: the other spare
     (tmp_path / "released").touch()
+
+
+def _has(module: str) -> bool:
+    import sys
+
+    return module in sys.modules
+
+
+def test_a_stage_that_names_its_libraries_is_forked_once_the_server_has_them(monkeypatch, tmp_path):
+    """wrap names torch.export (@stage libraries): its process is forked after the server's
+    import, however long that takes, and a library the server had not been asked for is
+    imported first. (A spare importing it again would be slower than the wait.)"""
+    import threading
+    import time
+
+    from pipelines import isolation, stage_server
+
+    _fresh_server(monkeypatch, tmp_path)
+    isolation.start(["onnx"])
+    deadline = time.monotonic() + 120
+    while stage_server.status(isolation._lease.address)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blocking = "tests.server_probe:block_until_released"
+    isolation._lease.preload([blocking])
+    while not (tmp_path / "blocking").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    threading.Timer(1.0, (tmp_path / "released").touch).start()
+    assert isolation.call("probe", _released, str(tmp_path), after=[blocking])[0] is True
+    assert isolation.call("probe", _has, "tabnanny", after=["tabnanny"])[0] is True  # no stage imports it
+    assert "tabnanny" in stage_server.status(isolation._lease.address)["done"]
 
 
 def _pattern_graphs_built() -> int:
