@@ -48,11 +48,9 @@ def start(formats: Iterable[str] = (), warm_up: bool = False) -> None:
     for a process that forks many stages). Never waits: the server imports while the caller
     goes on, and a fork waits only for the module it is importing then."""
     global _lease
-    from stages.formats import LIBRARIES, WARM_UPS
+    from stages.formats import preloads
 
-    formats = list(formats)
-    wanted = [*BASE, *chain(*(LIBRARIES.get(name, ()) for name in formats)),
-              *chain(*(WARM_UPS.get(name, ()) for name in formats if warm_up))]
+    wanted = [*BASE, *chain(*(preloads(name, warm_up) for name in formats))]
     if _lease is None:
         with logs.libraries_to_log():
             _lease = stage_server.lease(wanted)

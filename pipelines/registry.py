@@ -57,12 +57,16 @@ class Stage:
     # facts about this host its result depends on (a latency: the CPU; a browser check: the
     # browser's version), hashed into the key so a shared cache never serves another host's
     environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    # slow libraries its process imports first (torch.export: 1 s): the stage server forks it
-    # once it has them, rather than the stage importing them again meanwhile
-    libraries: tuple[str, ...] = ()
+    # slow libraries (and prepared work, `module:function`) its process needs first: the stage
+    # server forks it once it has them, rather than the stage importing them again meanwhile;
+    # a function of the stage's config view when that depends on the config (the format)
+    libraries: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()
 
     def needs_for(self, view: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(view) if callable(self.needs) else self.needs
+
+    def libraries_for(self, view: dict[str, Any]) -> tuple[str, ...]:
+        return self.libraries(view) if callable(self.libraries) else self.libraries
 
     def code_version(self, view: dict[str, Any], root: Path = ROOT) -> str:
         named = self.code(view) if callable(self.code) else self.code
@@ -77,7 +81,7 @@ def stage(name: str, *, needs: tuple[str, ...] | Callable[[dict[str, Any]], tupl
           code: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (), reads: Callable[[DictConfig], list[str]] | None = None,
           artifacts: tuple[str, ...] = (),
           environment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-          libraries: tuple[str, ...] = ()):
+          libraries: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()):
     """Register `fn(ctx) -> result dict` as a pipeline stage."""
 
     def register(fn: Callable[[StageContext], dict[str, Any]]):

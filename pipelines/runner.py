@@ -255,7 +255,7 @@ class Runner:
         try:
             if self.isolate:
                 result, peak = isolation.call(stage.name, run_stage, stage.fn, ctx, self.run_dir,
-                                              self.model_modules, after=stage.libraries)
+                                              self.model_modules, after=stage.libraries_for(view))
             else:
                 memory.new_peak()
                 result, peak = run_stage(stage.fn, ctx, self.run_dir, self.model_modules), memory.peak_mb()

@@ -11,12 +11,12 @@ import json
 
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend, format_code
+from .formats import Job, backend, format_code, format_libraries
 
 
 @stage("convert", needs=("wrap",), config=("format", "wrap.state"),
        code=format_code,
-       artifacts=("repro",))
+       artifacts=("repro",), libraries=format_libraries("convert"))
 def run(ctx: StageContext) -> dict:
     from .support.state_io import select
 

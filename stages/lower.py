@@ -8,7 +8,7 @@ import json
 from pipelines.digests import link_or_copy
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, backend, format_code
+from .formats import Job, backend, format_code, format_libraries
 
 
 APP_SIDE = ("app_steps.onnx", "labels.json")  # what ships beside the artifact for the app
@@ -16,7 +16,7 @@ APP_SIDE = ("app_steps.onnx", "labels.json")  # what ships beside the artifact f
 
 @stage("lower", needs=("preprocess",), config=("precision.name", "format"),
        code=format_code,
-       artifacts=("model.*", "io.json", "state.json", "repro", *APP_SIDE))
+       artifacts=("model.*", "io.json", "state.json", "repro", *APP_SIDE), libraries=format_libraries("lower"))
 def run(ctx: StageContext) -> dict:
     source = ctx.input("preprocess").dir
     io = json.loads((source / "io.json").read_text())  # the program quantize picked, processing inside

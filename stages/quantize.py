@@ -11,7 +11,7 @@ import json
 from pipelines.errors import PipelineError
 from pipelines.registry import StageContext, stage
 
-from .formats import Job, format_code
+from .formats import Job, format_code, format_libraries
 from .formats.schemes import chosen, options
 
 
@@ -22,7 +22,7 @@ def _needs(view) -> tuple[str, ...]:
 
 
 @stage("quantize", needs=_needs, config=("precision.name", "precision.options", "format", "quantize", "target"),
-       code=format_code)
+       code=format_code, libraries=format_libraries("quantize"))
 def run(ctx: StageContext) -> dict:
     converted = ctx.input("convert").dir
     io = json.loads((converted / "io.json").read_text())

@@ -29,7 +29,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,11 +59,33 @@ LIBRARIES = {
             "executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch.devtools.bundled_program.serialize",
             "executorch.extension.flat_tensor", "executorch.kernels", "stages.formats.pte", "stages.formats.pte_precisions"),
 }
-# warm-ups (`module:function`) the server runs once for processes that fork many stages (a sweep's
-# jobs, a test session): every stage forked after one inherits what it built. A single run
-# asks for none: its one lowering would wait for the server's, or build the same beside it.
-WARM_UPS = {"onnx": ("stages.upstream.onnxscript:cache_torchlib_ops",),
-            "pte": ("stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up")}
+# work (`module:function`) the server does once for every process of a format, after its
+# libraries, whose result one stage needs: that stage waits for it (`format_libraries`), the
+# others do not, and every stage forked after inherits it (torchlib's operator list: 0.4 s
+# that each ONNX export paid, built while wrap runs)
+PREPARED = {"onnx": {"convert": "stages.upstream.onnxscript:cache_torchlib_ops"}}
+# warm-ups the server runs once for processes that fork many stages (a sweep's jobs, a test
+# session): first-call work that pays off over many cells. In a single .pte cell it would run
+# beside quantize, each slowed by the other's threads on two cores (17.6 s against 14.7 s).
+WARM_UPS = {"pte": ("stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up")}
+
+
+def preloads(name: str, warm_up: bool = False) -> tuple[str, ...]:
+    """What the stage server is asked to import and build for a process of the format `name`."""
+    return (*LIBRARIES.get(name, ()), *PREPARED.get(name, {}).values(), *(WARM_UPS.get(name, ()) if warm_up else ()))
+
+
+def format_libraries(stage: str) -> Callable[[dict[str, Any]], tuple[str, ...]]:
+    """What the stage `stage` waits for the server to have, for the view's format (`@stage(libraries=...)`):
+    the format's libraries (imported there with the collector off, faster than again in the
+    stage) and what it alone needs prepared."""
+
+    def libraries(view: dict[str, Any]) -> tuple[str, ...]:
+        name = view["format"]["name"]
+        prepared = PREPARED.get(name, {}).get(stage)
+        return (*LIBRARIES.get(name, ()), *([prepared] if prepared else []))
+
+    return libraries
 
 
 def backend(name: str) -> ModuleType:
