@@ -259,13 +259,13 @@ class _Server:
                 return
 
     def _next(self) -> str:
-        """The next module to import: imports before warm-ups (every stage needs the first,
-        the second only make some faster), each in the order asked."""
-        for index, name in enumerate(self.pending):
-            if ":" not in name:
-                del self.pending[index]
-                return name
-        return self.pending.popleft()
+        """The next module to import: what a held stage waits for, in the order it named them;
+        then imports before warm-ups (every stage needs the first, the second only make some
+        faster), each in the order asked."""
+        waited = [m for modules, _ in self.held for m in modules if m in self.pending]
+        name = waited[0] if waited else next((m for m in self.pending if ":" not in m), self.pending[0])
+        self.pending.remove(name)
+        return name
 
     def _import(self, name: str) -> None:
         """A module, or `module:function` (a warm-up whose results the children inherit)."""
@@ -346,8 +346,7 @@ class _Server:
             self.selector.register(connection, selectors.EVENT_READ)
         elif message["kind"] == "fork":  # a stage that waits for modules the spare lacked
             os.close(fds[0])
-            modules = [m for m in message["after"] if m not in self.done]
-            self.pending = deque([*modules, *(m for m in self.pending if m not in modules)])
+            self.want(message["after"])
             self.held.append((message["after"], fds[1:]))
         elif message["kind"] == "preload":
             for fd in fds:
