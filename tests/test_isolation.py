@@ -187,8 +187,8 @@ def _pattern_graphs_built() -> int:
 
 def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch, tmp_path):
     """Its children inherit the graphs (4.3 s a lowering otherwise); a thread in the server when
-    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock; its
-    warm-ups (a lowering, a PT2E quantization) start none either."""
+    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock; the
+    warm-up (it exports and lowers small modules) starts none either."""
     import subprocess
     import sys
     import time
@@ -202,7 +202,7 @@ def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_th
     deadline = time.monotonic() + 120
     while (state := stage_server.status(isolation._lease.address))["pending"] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert {"stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up"} <= set(state["done"])
+    assert "stages.upstream.executorch:build_pattern_graphs" in state["done"]
     assert _wait_for(_pattern_graphs_built, 1) == 1
     server = state["pid"]
     imported_only = subprocess.run(

@@ -65,9 +65,12 @@ LIBRARIES = {
 # that each ONNX export paid, built while wrap runs)
 PREPARED = {"onnx": {"convert": "stages.upstream.onnxscript:cache_torchlib_ops"}}
 # warm-ups the server runs once for processes that fork many stages (a sweep's jobs, a test
-# session): first-call work that pays off over many cells. In a single .pte cell it would run
-# beside quantize, each slowed by the other's threads on two cores (17.6 s against 14.7 s).
-WARM_UPS = {"pte": ("stages.upstream.executorch:build_pattern_graphs", "stages.formats.pte:warm_up")}
+# session): XNNPACK's pattern graphs, which every .pte lowering builds (2-4 s) and a sweep's
+# three inherit. Not for a single .pte cell: there it would run beside quantize, each slowed
+# by the other on two cores (17.6 s against 14.7 s). (A PT2E quantization and two lowerings
+# of a tiny module, to pay ExecuTorch's first-call work once, made the cold demo sweep slower:
+# 28.7 s against 19.8 s without, medians of 3: they held the server for 5.7 s.)
+WARM_UPS = {"pte": ("stages.upstream.executorch:build_pattern_graphs",)}
 
 
 def preloads(name: str, warm_up: bool = False) -> tuple[str, ...]:

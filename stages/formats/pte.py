@@ -20,7 +20,7 @@ from ..support.export_errors import lowering_failure, traceback_frames
 from ..support.model_builder import used_tensors
 from ..support.state_io import mutated_buffers
 from ..upstream.executorch import (conv_backends_off, edge_compile_config, file_backed_constants, prelu_in_four_dims,
-                                  threadless, xnnpack_partitioner)
+                                  xnnpack_partitioner)
 from . import Job, weight_summary
 from .fx_graph import module_outputs, module_paths, module_types, reexport, requantized, with_outputs, within
 from .pte_precisions import PROGRAM
@@ -375,28 +375,3 @@ PROFILE_FRAMES = {"Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"}  # spans 
 def inspect(artifact: Path) -> dict[str, Any]:
     return json.loads((artifact.parent / "program_stats.json").read_text())
 
-
-def warm_up() -> None:
-    """Quantize (PT2E, XNNPACKQuantizer) and lower a two-layer module once, in the stage server
-    (stages.formats.LIBRARIES), so that every quantize and lower stage forked from it inherits
-    what ExecuTorch, torchao and torch.export do on their first call in a process (measured:
-    a .pte lowering of the demo CNN took 4-5 s in a fresh stage process, 1.3-1.5 s in one that
-    had lowered before). Thread-free, as the server must be when it forks (threadless)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
-    from executorch.exir import to_edge_transform_and_lower
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    with threadless():
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                    torch.nn.Linear(8, 2)).eval()
-        example = (torch.zeros(1, 1, 4, 4),)
-        with torch.no_grad():
-            program = torch.export.export(model, example)
-            prepared = prepare_pt2e(program.module(), XNNPACKQuantizer().set_global(
-                get_symmetric_quantization_config(is_per_channel=True)))
-            prepared(*example)
-            quantized = torch.export.export(convert_pt2e(prepared), example)
-        for lowered in (program, quantized):
-            to_edge_transform_and_lower(lowered, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
