@@ -17,9 +17,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 import stages  # noqa: E402, F401  (no torch: a sweep's jobs, forked from this process, inherit it)
 from pipelines.app import run_job  # noqa: E402
+from pipelines.code_graph import parse_packages  # noqa: E402
 from pipelines.schema import register  # noqa: E402
 
 register()
+parse_packages(("pipelines", "stages", "models", "devices"))  # the stages' keys read it (jobs inherit it too)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -65,6 +65,16 @@ def _imports(module: str, path: Path, root: Path, mtime_ns: int, size: int) -> f
     return frozenset(m for m in found if m and m != module and module_file(m, root))
 
 
+def parse_packages(packages: tuple[str, ...], root: Path = ROOT) -> None:
+    """Parse the imports of every module in these packages now (30 ms for the project): a
+    sweep's process does before it forks its jobs, which then inherit the parsed graph rather
+    than each parsing it again for its stages' keys."""
+    for package in packages:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            direct_imports(".".join(parts[:-1] if parts[-1] == "__init__" else parts), root)
+
+
 def _absolute(node: ast.ImportFrom, package: str) -> str:
     if not node.level:
         return node.module or ""
