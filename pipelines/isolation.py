@@ -20,15 +20,19 @@ in the caller (a test's monkeypatch) does not reach the child: run such a job wi
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from multiprocessing import forkserver, popen_forkserver, process, reduction, resource_tracker, util
 from multiprocessing.context import ForkServerProcess
 from itertools import chain
 from typing import Any, Callable, Iterable
+
+from hydra.experimental.callback import Callback
 
 from . import logs, memory, stage_server
 from .errors import PipelineError
@@ -40,6 +44,7 @@ BASE = ["torch", "stages", "pipelines.runner", "stages.support.model_builder", "
         "torch.export.pt2_archive._package", "networkx", "sympy.combinatorics", "sympy.tensor.tensor",
         "stages.support.export_errors", "stages.support.state_io", "torch._inductor.codecache"]
 _lease: stage_server.Lease | None = None  # this process's use of the host's server
+_relay: tuple[socket.socket, socket.socket] | None = None  # a sweep's process: where its jobs send their leases
 
 
 def start(formats: Iterable[str] = (), warm_up: bool = False) -> None:
@@ -54,8 +59,26 @@ def start(formats: Iterable[str] = (), warm_up: bool = False) -> None:
     if _lease is None:
         with logs.libraries_to_log():
             _lease = stage_server.lease(wanted)
+        if _relay is not None:  # a copy of the lease for the sweep's process (JobLeases)
+            with contextlib.suppress(OSError):
+                socket.send_fds(_relay[1], [b"lease"], [_lease.connection.fileno()])
     else:
         _lease.preload(wanted)
+
+
+class JobLeases(Callback):
+    """A sweep whose jobs are forked from its process (hydra/launcher=local) keeps the server
+    its jobs lease until the sweep ends: a job sends a copy of its lease to this process when
+    it leases, and the copy stays in flight, unread, until this process ends (the kernel holds
+    a descriptor in flight). Without it, when every running job ended at once the server left,
+    and the next jobs started another: torch and the formats' libraries again, 4 s of a 17 s
+    sweep. A warm sweep, whose jobs lease nothing, still starts none."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        global _relay
+        if _relay is None:
+            _relay = socket.socketpair()
+            _relay[1].setblocking(False)  # a job never waits on it; a copy not sent is not held
 
 
 def wanted_early(arguments: list[str]) -> bool:

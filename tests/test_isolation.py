@@ -252,3 +252,35 @@ def test_jobs_share_the_hosts_server_until_the_last_one_leaves(tmp_path):
     fourth = job()
     assert json.loads(fourth.stdout.readline())["server"] != owner
     fourth.communicate("")
+
+
+def test_a_sweeps_process_keeps_the_server_its_forked_jobs_leased_until_it_ends(monkeypatch, tmp_path):
+    """hydra/launcher=local forks each job from the sweep's process: with JobLeases (its Hydra
+    callback) the server stays when the only running job ends, for the next jobs, and leaves
+    when the sweep's process lets go."""
+    import time
+
+    from pipelines import isolation
+
+    _fresh_server(monkeypatch, tmp_path)
+    monkeypatch.setattr(isolation, "_relay", None)
+    isolation.JobLeases().on_multirun_start(config=None)
+    pid = os.fork()
+    if pid == 0:  # a job: it leases the server, and ends
+        code = 1
+        try:
+            isolation.start()
+            (tmp_path / "server").write_text(str(isolation.call("probe", os.getppid)[0]))
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    server = int((tmp_path / "server").read_text())
+    time.sleep(2)
+    assert os.path.exists(f"/proc/{server}"), "the server left with the sweep's only job"
+    for end in isolation._relay:  # the sweep's process ends
+        end.close()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server}"), "the server outlived the sweep"
