@@ -964,3 +964,59 @@ def test_torchlibs_operator_list_is_built_once_a_process_and_exports_still_work(
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {program.model.graph.inputs[0].name: x})[0]
     np.testing.assert_allclose(got, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_every_xnnpack_pattern_graph_has_the_operator_its_guard_looks_for():
+    """stages/upstream/executorch.py pattern_graphs_when_matchable skips XNNPACK's SDPA and
+    bilinear patterns for a graph without aten._softmax / aten.upsample_bilinear2d.vec: sound
+    only while every pattern has that node (the matcher pairs nodes of equal targets)."""
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    def targets(pattern):
+        return {node.target for node in pattern.graph.nodes if node.op == "call_function"}
+
+    assert sdpa.get_graphs() and all(exir_ops.edge.aten._softmax.default in targets(p) for p in sdpa.get_graphs())
+    patterns = bilinear_2d.get_graphs_dict()
+    assert patterns and all(exir_ops.edge.aten.upsample_bilinear2d.vec in targets(p) for p in patterns)
+
+
+LOWER_IN_A_FRESH_PROCESS = """
+import sys, torch
+from torch import nn
+from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import to_edge_transform_and_lower
+from stages.upstream.executorch import pattern_graphs_when_matchable
+
+class Model(nn.Module):
+    def __init__(self, upsample):
+        super().__init__()
+        self.conv, self.upsample = nn.Conv2d(1, 2, 3, padding=1), upsample
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return nn.functional.interpolate(y, scale_factor=2, mode="bilinear") if self.upsample else y
+
+model = Model(sys.argv[1] == "upsample").eval()
+x = torch.randn(1, 1, 8, 8)
+with pattern_graphs_when_matchable():
+    edge = to_edge_transform_and_lower(torch.export.export(model, (x,)), partitioner=[XnnpackPartitioner()])
+built = [bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize, sdpa.get_graphs.cache_info().currsize]
+ops = [str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"]
+print(built, "upsample" in " ".join(ops), sum("delegate" in o for o in ops))
+"""
+
+
+@pytest.mark.parametrize("model, built", [("conv", [0, 0]), ("upsample", [1, 0])])
+def test_a_lowering_builds_the_pattern_graphs_only_for_a_graph_that_can_match_them(model, built):
+    """A conv model never pays the graphs (2-4 s); one with a bilinear upsample builds and
+    matches the bilinear ones, and its upsample is delegated as before."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", LOWER_IN_A_FRESH_PROCESS, model], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=300).stdout.split("\n")[-2]
+    assert out.startswith(str(built))
+    assert " False " in out  # no upsample left outside the delegate

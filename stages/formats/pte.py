@@ -19,8 +19,8 @@ from pipelines.memory import release
 from ..support.export_errors import lowering_failure, traceback_frames
 from ..support.model_builder import used_tensors
 from ..support.state_io import mutated_buffers
-from ..upstream.executorch import (conv_backends_off, edge_compile_config, file_backed_constants, prelu_in_four_dims,
-                                  xnnpack_partitioner)
+from ..upstream.executorch import (conv_backends_off, edge_compile_config, file_backed_constants,
+                                  pattern_graphs_when_matchable, prelu_in_four_dims, xnnpack_partitioner)
 from . import Job, weight_summary
 from .fx_graph import module_outputs, module_paths, module_types, reexport, requantized, with_outputs, within
 from .pte_precisions import PROGRAM
@@ -178,8 +178,9 @@ def _to_executorch(programs: list[torch.export.ExportedProgram], fmt, path: Path
 
     partitioners = [xnnpack_partitioner(left_out)] if fmt.xnnpack else []
     # upstream bugs: else a dynamic batch is planned for 15 rows; the delegate's copy of every
-    # weight is held in memory until the .pte is written
-    with conv_backends_off(), file_backed_constants(path.parent / ".xnnpack-constants"):
+    # weight is held in memory until the .pte is written; XNNPACK's pattern graphs are built
+    # for models without the operator they match
+    with conv_backends_off(), file_backed_constants(path.parent / ".xnnpack-constants"), pattern_graphs_when_matchable():
         try:
             edge = to_edge_transform_and_lower(programs[0], partitioner=partitioners,
                                                transform_passes=[prelu_in_four_dims] if fmt.xnnpack else None,

@@ -63,6 +63,45 @@ def conv_backends_off() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def pattern_graphs_when_matchable() -> Iterator[None]:
+    """Lower without building XNNPACK's pattern graphs for a graph they cannot match.
+
+    executorch 1.5.1: two of XNNPACK's passes match every program against graphs they make by
+    exporting and lowering small modules (backends/xnnpack/_passes/convert_to_sdpa.py:102,
+    `sdpa.get_graphs`; convert_to_upsample_bilinear2d.py:55, `bilinear_2d.get_graphs_dict`):
+    2-4 s in each process that lowers, for any model. Every SDPA pattern has an
+    aten._softmax node and every bilinear one an aten.upsample_bilinear2d.vec node
+    (tests/test_upstream.py checks both), and the matcher pairs nodes of equal targets: a
+    graph without that operator matches none. For one, each pass does here what it does when
+    nothing matches (recompile, then its ExportPass retrace); otherwise its own `call`.
+    """
+    from executorch.backends.xnnpack._passes.convert_to_sdpa import ConvertToSDPAPass
+    from executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d import ConvertToUpsampleBilinear2d
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    needed = {ConvertToSDPAPass: exir_ops.edge.aten._softmax.default,
+              ConvertToUpsampleBilinear2d: exir_ops.edge.aten.upsample_bilinear2d.vec}
+    originals = {cls: cls.call for cls in needed}
+
+    def guarded(cls):
+        def call(self, graph_module):
+            if any(node.op == "call_function" and node.target == needed[cls] for node in graph_module.graph.nodes):
+                return originals[cls](self, graph_module)
+            graph_module.recompile()
+            return PassResult(super(cls, self).call(graph_module).graph_module, True)
+        return call
+
+    for cls in needed:
+        cls.call = guarded(cls)
+    try:
+        yield
+    finally:
+        for cls, call in originals.items():
+            cls.call = call
+
+
 FILE_BACKED_MIN_BYTES = 1 << 20  # smaller constants stay in memory: a file each would cost more
 
 
