@@ -42,7 +42,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
         check(root)
 
-        runs = Runner(cfg, run_dir, log, events, many=hydra.mode == RunMode.MULTIRUN).run()
+        runs = Runner(cfg, run_dir, log, events).run()
     except PipelineError as exc:
         log.error("error: %s", exc)
         result = {"recipe": root["recipe"], "model": root["model"]["name"],

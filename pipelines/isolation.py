@@ -10,9 +10,10 @@ server (pipelines/stage_server.py) imports the libraries once and never computes
 cheap and safe. It is the host's, shared by every job that uses it (a sweep's, overlapping runs,
 test workers) and gone when the last has ended. A single run leases it at once (run.py, before
 Hydra composes: torch imports meanwhile) and asks for its format's libraries
-(stages.formats.LIBRARIES: ExecuTorch or onnxruntime) when it knows the format; a sweep's job
-leases it at its first cache miss, so a run of hits starts none, and asks for the formats'
-warm-ups too (stages.formats.WARM_UPS), which pay off over many stages.
+(stages.formats.LIBRARIES: ExecuTorch or onnxruntime, and PREPARED work) when it knows the
+format; a sweep's job leases it at its first cache miss, so a run of hits starts none, and the
+sweep's process keeps it between jobs (JobLeases). A stage that names its slow libraries
+(@stage libraries) is forked once the server has them.
 A child gets the caller's environment, working directory, sys.path, log file and terminal with
 each call: the server was started earlier and may have older ones. A patch applied to a module
 in the caller (a test's monkeypatch) does not reach the child: run such a job with
@@ -47,15 +48,14 @@ _lease: stage_server.Lease | None = None  # this process's use of the host's ser
 _relay: tuple[socket.socket, socket.socket] | None = None  # a sweep's process: where its jobs send their leases
 
 
-def start(formats: Iterable[str] = (), warm_up: bool = False) -> None:
+def start(formats: Iterable[str] = ()) -> None:
     """Lease the host's stage server (started if there is none) and have it import torch and
-    the libraries of `formats`, and with `warm_up` run their warm-ups (stages.formats.WARM_UPS:
-    for a process that forks many stages). Never waits: the server imports while the caller
-    goes on, and a fork waits only for the module it is importing then."""
+    the libraries of `formats` (stages.formats.preloads). Never waits: the server imports while
+    the caller goes on."""
     global _lease
     from stages.formats import preloads
 
-    wanted = [*BASE, *chain(*(preloads(name, warm_up) for name in formats))]
+    wanted = [*BASE, *chain(*(preloads(name) for name in formats))]
     if _lease is None:
         with logs.libraries_to_log():
             _lease = stage_server.lease(wanted)

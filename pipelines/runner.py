@@ -135,8 +135,7 @@ def recorded_failure(record: dict[str, Any]) -> PipelineError:
 class Runner:
     """Runs the chain for every part of the configured model and records what happened."""
 
-    def __init__(self, cfg, run_dir: Path, log: logging.Logger, events: Events | None = None,
-                 many: bool = False):
+    def __init__(self, cfg, run_dir: Path, log: logging.Logger, events: Events | None = None):
         self.root = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.run_dir = run_dir
         self.log = log
@@ -146,7 +145,6 @@ class Runner:
         self.digests = Digests(self.cache.root, cache_cfg["verify"] != "full") if self.cache else None
         self.refresh = set(cache_cfg["refresh"])
         self.isolate = self.root["isolate_stages"]
-        self.many = many  # one job of many (a sweep's): the stage server's warm-ups pay off
         self.model_modules = referenced_modules(self.root["model"])
         unknown = self.refresh - set(STAGES)
         if unknown:
@@ -219,7 +217,7 @@ class Runner:
         if entry is not None:
             return StageOutput(key, entry.files, entry.result, entry.meta["files"]), True, None
         if self.isolate:  # a miss: a server with this cell's format (a run of hits starts none),
-            isolation.start([self.root["format"]["name"]], warm_up=self.many)  # importing while this job waits for the lock
+            isolation.start([self.root["format"]["name"]])  # importing while this job waits for the lock
         if self.cache is None:
             workdir = self.run_dir / "work" / part / stage.name
             shutil.rmtree(workdir, ignore_errors=True)

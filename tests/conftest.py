@@ -42,13 +42,13 @@ def one_stage_server() -> None:
     """Every test worker leases the host's stage server with both formats (and their warm-ups)
     for the whole session (pipelines/stage_server.py), so it is started once: the workers and
     every `python run.py` a test starts fork their stages from it (each paid 2-7 s for a server
-    of its own before). It waits for the server's imports and warm-ups: every stage of the suite
+    of its own before). It waits for the server's imports and prepared work: every stage of the suite
     then forks hot, where a stage forked earlier would import what the server is importing."""
     import time
 
     from pipelines import isolation, stage_server
 
-    isolation.start(["onnx", "pte"], warm_up=True)
+    isolation.start(["onnx", "pte"])
     deadline = time.monotonic() + 180
     while stage_server.status(isolation._lease.address)["pending"] and time.monotonic() < deadline:
         time.sleep(0.25)

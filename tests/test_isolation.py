@@ -179,31 +179,22 @@ def test_a_stage_that_names_its_libraries_is_forked_once_the_server_has_them(mon
     assert "tabnanny" in stage_server.status(isolation._lease.address)["done"]
 
 
-def _pattern_graphs_built() -> int:
-    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
-
-    return bilinear_2d._get_bilinear_2d_graphs.cache_info().currsize
-
-
-def test_a_pte_server_builds_xnnpacks_pattern_graphs_once_and_forks_beside_no_thread(monkeypatch, tmp_path):
-    """Its children inherit the graphs (4.3 s a lowering otherwise); a thread in the server when
-    it forks (tqdm's monitor, torch's intra-op pool) would leave a child hung on its lock; the
-    warm-up (it exports and lowers small modules) starts none either."""
+def test_a_server_with_both_formats_libraries_and_its_prepared_work_forks_beside_no_thread(monkeypatch, tmp_path):
+    """A thread in the server when it forks (tqdm's monitor, torch's intra-op pool) would leave
+    a child hung on its lock: after ExecuTorch's and the ONNX exporter's imports and torchlib's
+    operator list, it holds no more threads than a process that only imported them."""
     import subprocess
     import sys
     import time
 
-    from pipelines import isolation
-
-    from pipelines import stage_server
+    from pipelines import isolation, stage_server
 
     _fresh_server(monkeypatch, tmp_path)
-    isolation.start(["pte"], warm_up=True)
+    isolation.start(["onnx", "pte"])
     deadline = time.monotonic() + 120
     while (state := stage_server.status(isolation._lease.address))["pending"] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "stages.upstream.executorch:build_pattern_graphs" in state["done"]
-    assert _wait_for(_pattern_graphs_built, 1) == 1
+    assert "stages.upstream.onnxscript:cache_torchlib_ops" in state["done"]
     server = state["pid"]
     imported_only = subprocess.run(
         [sys.executable, "-c", "import os, torch, torch._dynamo, executorch.exir, executorch.devtools, onnx; "

@@ -64,18 +64,14 @@ LIBRARIES = {
 # others do not, and every stage forked after inherits it (torchlib's operator list: 0.4 s
 # that each ONNX export paid, built while wrap runs)
 PREPARED = {"onnx": {"convert": "stages.upstream.onnxscript:cache_torchlib_ops"}}
-# warm-ups the server runs once for processes that fork many stages (a sweep's jobs, a test
-# session): XNNPACK's pattern graphs, which every .pte lowering builds (2-4 s) and a sweep's
-# three inherit. Not for a single .pte cell: there it would run beside quantize, each slowed
-# by the other on two cores (17.6 s against 14.7 s). (A PT2E quantization and two lowerings
-# of a tiny module, to pay ExecuTorch's first-call work once, made the cold demo sweep slower:
-# 28.7 s against 19.8 s without, medians of 3: they held the server for 5.7 s.)
-WARM_UPS = {"pte": ("stages.upstream.executorch:build_pattern_graphs",)}
+# (XNNPACK's pattern graphs, 2-4 s, are not prepared: a lowering builds them only for a graph
+# they can match, stages/upstream/executorch.py pattern_graphs_when_matchable; built in the
+# server for every sweep, they made the cold demo sweep 17.9 s against 13.8 s without.)
 
 
-def preloads(name: str, warm_up: bool = False) -> tuple[str, ...]:
+def preloads(name: str) -> tuple[str, ...]:
     """What the stage server is asked to import and build for a process of the format `name`."""
-    return (*LIBRARIES.get(name, ()), *PREPARED.get(name, {}).values(), *(WARM_UPS.get(name, ()) if warm_up else ()))
+    return (*LIBRARIES.get(name, ()), *PREPARED.get(name, {}).values())
 
 
 def format_libraries(stage: str) -> Callable[[dict[str, Any]], tuple[str, ...]]:

@@ -279,34 +279,3 @@ def write_bundle(bundled_program, path) -> None:
     builder.Finish(root, file_identifier=serialize._bundled_program_file_identifier())
     with open(path, "wb") as out:
         out.write(memoryview(builder.Bytes)[builder.Head():])
-
-
-def build_pattern_graphs() -> None:
-    """XNNPACK's partitioner matches bilinear resizes and SDPA against graphs it makes by
-    exporting and lowering small modules (executorch 1.5.1 backends/xnnpack/partition/graphs/
-    bilinear_2d.py `_get_bilinear_2d_graphs`, sdpa.py `get_graphs`: 4.3 s here), cached per
-    process, so every .pte lowering in a stage process of its own paid them again. The stage
-    server calls this once (stages.formats.WARM_UPS) and its children inherit the cache."""
-    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
-
-    with threadless():
-        bilinear_2d.get_graphs_dict()
-        sdpa.get_graphs()
-
-
-@contextlib.contextmanager
-def threadless() -> Iterator[None]:
-    """For a warm-up in the stage server, which must hold no thread but its own when it forks
-    (a child inherits a lock a thread held, and hangs on it: measured, with tqdm's monitor
-    thread that lowering starts, and torch's intra-op threads): one intra-op thread while it
-    runs, and no tqdm monitor (the server's children keep that). tests/test_isolation.py counts
-    the server's threads."""
-    import tqdm
-
-    tqdm.tqdm.monitor_interval = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
