@@ -9,8 +9,10 @@ lingers between runs and no later run gets code older than its own.
 
 It imports as it goes, a module at a time, and forks between two imports: a job asks for torch
 before Hydra has composed its config and for its format's libraries once it knows the format;
-a stage forked before the server has a library imports it itself. The server never computes and
-holds no thread of its own when it forks (the preload's warm-ups run with one intra-op thread).
+a stage forked before the server has a library imports it itself, unless its request names the
+library (`after`): then the server forks it once it has imported it. The server never computes
+(its prepared work, `module:function`, starts no thread) and holds no thread of its own when it
+forks.
 
 Protocol (a Unix socket under the temporary directory): a connection sends one pickled request,
 {"op": "lease"} (kept open), {"op": "preload", "modules": [...]}, {"op": "status"} (answered
@@ -169,7 +171,7 @@ def _send(address: str, request: dict, fds: list[int] = ()) -> None:
 
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
 SPARES = 2  # the second serves a request that comes while the server is in a long import
-SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) takes seconds: the jobs' stages go on meanwhile
+SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) may take seconds: the jobs' stages go on meanwhile
 FRESHEN_AFTER_S = 0.1  # imports at least this long since the spares' fork make them worth replacing
 
 
