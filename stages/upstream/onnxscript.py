@@ -14,7 +14,7 @@ def cache_torchlib_ops() -> None:
     property that re-parses each one's Python source (onnxscript/_internal/values.py:491,
     `TracedOnnxFunction.function_ir`):
     0.37 s an export here, 0.8 s the first. The list is the same every time (functions
-    registered at import), so it is kept. The stage server calls this (stages.formats.LIBRARIES)
+    registered at import), so it is kept. The stage server calls this (stages.formats.PREPARED)
     and its children inherit the list; a process of its own builds it at its first export.
     tests/test_upstream.py shows the property still re-parses."""
     from onnxscript._framework_apis import torch_2_11
