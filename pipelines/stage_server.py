@@ -171,7 +171,6 @@ def _send(address: str, request: dict, fds: list[int] = ()) -> None:
 
 FIRST = "torch"  # a spare forked before the server has torch would import it again in the stage
 SPARES = 2  # the second serves a request that comes while the server is in a long import
-SPARES_BEFORE_WARM_UP = 4  # a warm-up (`module:function`) may take seconds: the jobs' stages go on meanwhile
 FRESHEN_AFTER_S = 0.1  # imports at least this long since the spares' fork make them worth replacing
 
 
@@ -241,8 +240,6 @@ class _Server:
             ready = [key.fileobj for key, _ in self.selector.select(0 if self.pending else None)]
             if not ready and self.pending:
                 name = self._next()
-                while ":" in name and len(self.spares) < SPARES_BEFORE_WARM_UP:
-                    self._fork_spare()
                 started = time.monotonic()
                 self._import(name)
                 self.unshared_s += time.monotonic() - started
@@ -262,15 +259,15 @@ class _Server:
 
     def _next(self) -> str:
         """The next module to import: what a held stage waits for, in the order it named them;
-        then imports before warm-ups (every stage needs the first, the second only make some
-        faster), each in the order asked."""
+        then imports before prepared work (`module:function`: one stage needs it, every stage
+        needs an import), each in the order asked."""
         waited = [m for modules, _ in self.held for m in modules if m in self.pending]
         name = waited[0] if waited else next((m for m in self.pending if ":" not in m), self.pending[0])
         self.pending.remove(name)
         return name
 
     def _import(self, name: str) -> None:
-        """A module, or `module:function` (a warm-up whose results the children inherit)."""
+        """A module, or `module:function` (prepared work whose results the children inherit)."""
         self.done.add(name)
         module, _, function = name.partition(":")
         started = time.monotonic()
@@ -278,7 +275,7 @@ class _Server:
             imported = import_module(module)
             if function:
                 getattr(imported, function)()
-                gc.collect()  # a warm-up's garbage, before what it keeps is frozen
+                gc.collect()  # its garbage, before what it keeps is frozen
         except Exception as exc:  # the stage that needs it imports it and reports
             print(f"stage server {os.getpid()}: preloading {name} failed: {exc!r}", file=sys.stderr, flush=True)
         else:

@@ -39,7 +39,7 @@ def transformers_installed() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_stage_server() -> None:
-    """Every test worker leases the host's stage server with both formats (and their warm-ups)
+    """Every test worker leases the host's stage server with both formats (and their prepared work)
     for the whole session (pipelines/stage_server.py), so it is started once: the workers and
     every `python run.py` a test starts fork their stages from it (each paid 2-7 s for a server
     of its own before). It waits for the server's imports and prepared work: every stage of the suite

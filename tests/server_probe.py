@@ -1,4 +1,4 @@
-"""A warm-up for the stage server that blocks until the test lets it go (tests/test_isolation.py)."""
+"""Prepared work (`module:function`) for the stage server that blocks until the test lets it go (tests/test_isolation.py)."""
 import os
 import time
 from pathlib import Path

@@ -128,7 +128,7 @@ def _released(folder: str) -> bool:
 
 
 def test_a_stage_never_waits_for_what_the_server_is_importing(monkeypatch, tmp_path):
-    """Unless it names it (below), a spare forked before the server went into a long import (here a warm-up that blocks
+    """Unless it names it (below), a spare forked before the server went into a long import (here prepared work that blocks
     until the test releases it) takes the stage: the stage runs, and ends, while the server
     is still inside it."""
     import time
@@ -144,7 +144,7 @@ def test_a_stage_never_waits_for_what_the_server_is_importing(monkeypatch, tmp_p
     while not (tmp_path / "blocking").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "blocking").exists()
-    assert isolation.call("probe", _released, str(tmp_path))[0] is False  # ran inside the blocked warm-up
+    assert isolation.call("probe", _released, str(tmp_path))[0] is False  # ran inside the blocked work
     assert isolation.call("probe", _released, str(tmp_path))[0] is False  # and a second: the other spare
     (tmp_path / "released").touch()
 
