@@ -148,9 +148,10 @@ PRECISIONS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" / 
 # A part's tolerance overrides, by precision (`tolerance: {fp16: {max_abs: 0.05}}`): one field per
 # precision conf/precision/ ships, so a misspelt one is refused at compose time; each present and
 # unset, so `model.parts.0.tolerance.int4.max_abs=0.1` on the command line sets one field (under a
-# None node OmegaConf's update asserts: a traceback, not an error)
+# None node OmegaConf's update asserts: a traceback, not an error). Its module named, as Python
+# 3.11's make_dataclass does not: a sweep job's config goes back to the sweep's process pickled.
 PartTolerance = make_dataclass("PartTolerance", [(name, ToleranceOverride, field(default_factory=ToleranceOverride))
-                                                 for name in PRECISIONS])
+                                                 for name in PRECISIONS], namespace={"__module__": __name__})
 
 
 @dataclass

@@ -74,3 +74,12 @@ def test_command_line_groups_win_over_the_recipe():
     cfg = compose_config("model.checkpoint=/tmp/x.pt", "precision=fp16", "format=pte", "recipe=web_dev")
     assert cfg.model.checkpoint == "/tmp/x.pt"
     assert (cfg.precision.name, cfg.format.name.value) == ("fp16", "pte")
+
+
+def test_a_composed_config_pickles_as_a_sweep_job_returns_it():
+    """The forked launcher sends each job's JobReturn (its config inside) back pickled: a type
+    of the schema that cannot be found by name would fail every cell of every sweep."""
+    import pickle
+
+    cfg = compose_config("recipe=matrix")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
