@@ -1020,3 +1020,74 @@ def test_a_lowering_builds_the_pattern_graphs_only_for_a_graph_that_can_match_th
                          text=True, check=True, timeout=300).stdout.split("\n")[-2]
     assert out.startswith(str(built))
     assert " False " in out  # no upsample left outside the delegate
+
+
+def test_every_conv_bn_pattern_of_the_quantizer_has_the_operators_its_guard_looks_for(monkeypatch):
+    """stages/upstream/executorch.py conv_bn_patterns_when_matchable skips XNNPACKQuantizer's
+    conv-bn annotators for a graph without an aten.batch_norm and one of their convolutions:
+    sound only while every pattern they trace has both (the matcher pairs nodes of equal targets)."""
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as utils
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    from stages.upstream.executorch import CONV_BN_PATTERN_NEEDS
+
+    traced = []
+
+    def recorded(*args, **kwargs):
+        traced.append(pattern := original(*args, **kwargs))
+        return pattern
+
+    original = utils._get_aten_graph_module_for_pattern
+    monkeypatch.setattr(utils, "_get_aten_graph_module_for_pattern", recorded)
+    graph = torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),)).module()
+    for name, convolutions in CONV_BN_PATTERN_NEEDS.items():
+        traced.clear()
+        utils.OP_TO_ANNOTATOR[name](graph, get_symmetric_quantization_config(), None)
+        assert traced, name
+        for pattern in traced:
+            targets = {node.target for node in pattern.graph.nodes if node.op == "call_function"}
+            assert torch.ops.aten.batch_norm.default in targets and targets & set(convolutions), (name, targets)
+
+
+class NormThenConv(nn.Module):
+    """A batch norm prepare_pt2e cannot fold into a conv (one after a conv it folds first)."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.norm, self.conv = nn.BatchNorm2d(1) if norm else nn.Identity(), nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(self.norm(x)))
+
+
+@pytest.mark.parametrize("norm, traces", [(False, 0), (True, 6)])
+def test_pt2e_traces_the_conv_bn_patterns_only_for_a_graph_that_can_match_them(monkeypatch, norm, traces):
+    """A conv model without batch norm never pays the twelve traces (1.5-2 s a process); one with
+    a conv2d and a batch norm left traces the conv ones (not the transposed) and is annotated
+    exactly as without the guard."""
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as utils
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from stages.upstream.executorch import conv_bn_patterns_when_matchable
+
+    count = [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    original = utils._get_aten_graph_module_for_pattern
+    monkeypatch.setattr(utils, "_get_aten_graph_module_for_pattern", counted)
+    torch.manual_seed(0)
+    program = torch.export.export(NormThenConv(norm).eval(), (torch.randn(1, 1, 8, 8),))
+
+    def prepared_code():
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        return prepare_pt2e(program.module(), quantizer).code
+
+    with conv_bn_patterns_when_matchable():
+        guarded = prepared_code()
+    assert count[0] == traces
+    assert guarded == prepared_code()

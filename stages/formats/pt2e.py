@@ -10,7 +10,7 @@ from torchao.quantization.pt2e.quantizer import Quantizer  # executorch imports 
 from ..support.model_builder import as_step
 from ..support.state_io import state_nodes
 from ..support.streaming import carry
-from ..upstream.executorch import restore_integer_scalars
+from ..upstream.executorch import conv_bn_patterns_when_matchable, restore_integer_scalars
 from . import Job, calibration_batches
 from .fx_graph import within
 
@@ -47,7 +47,8 @@ class _Guarded(Quantizer):
         return restore_integer_scalars(self.inner.transform_for_annotation(model))
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        model = self.inner.annotate(model)
+        with conv_bn_patterns_when_matchable():  # an upstream cost, not a fix
+            model = self.inner.annotate(model)
         kept = {node for node in model.graph.nodes if within(node, self.keep)}
         removed = {node: node.meta.pop(ANNOTATION) for node in state_nodes(model.graph, self.io) | kept
                    if ANNOTATION in node.meta}

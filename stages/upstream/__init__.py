@@ -11,7 +11,9 @@ without it: when a pin moves and that test starts failing, the workaround can go
     executorch.py   integer scalars made float by XNNPACKQuantizer; fp16 LayerNorm kernel;
                     dynamic batch narrowed by the CPU convolution backend choice while lowering;
                     dynamic batch pinned by the edge IR validator on list-returning ops;
-                    the delegate's copy of every weight held in memory until the .pte is written
+                    the delegate's copy of every weight held in memory until the .pte is written;
+                    XNNPACK's pattern graphs (lowering's SDPA and bilinear, the quantizer's
+                    conv + batch norm) built, seconds a process, for graphs that cannot match them
     torchvision.py  PyPI's CUDA torchvision beside the CPU torch fails to import (and so every
                     transformers model)
     torch_export.py TS2EPConverter lifts TorchScript's parameters as buffers that require grad: a

@@ -102,6 +102,50 @@ def pattern_graphs_when_matchable() -> Iterator[None]:
             cls.call = call
 
 
+# XNNPACKQuantizer's conv + batch-norm annotators, by name, and the operators every one of their
+# patterns holds: a batch norm and one of the convolutions (tests/test_upstream.py checks)
+CONV_BN_PATTERN_NEEDS = {
+    **dict.fromkeys(("conv_bn", "conv_bn_relu"), (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default)),
+    **dict.fromkeys(("conv_transpose_bn", "conv_transpose_bn_relu"),
+                    (torch.ops.aten.conv_transpose1d.default, torch.ops.aten.conv_transpose2d.input)),
+}
+
+
+@contextlib.contextmanager
+def conv_bn_patterns_when_matchable() -> Iterator[None]:
+    """Annotate for PT2E without tracing XNNPACKQuantizer's conv + batch-norm patterns for a
+    graph they cannot match.
+
+    executorch 1.5.1: for static quantization XNNPACKQuantizer runs its QAT-only conv-bn
+    annotators too (backends/xnnpack/quantizer/xnnpack_quantizer.py:416, `elif not
+    ...is_dynamic`), and each traces its patterns with a strict torch.export
+    (xnnpack_quantizer_utils.py:571, `_get_aten_graph_module_for_pattern`): twelve traces, 1.5-2 s
+    in each process that quantizes, for any model. Every pattern has an aten.batch_norm node and
+    a convolution of CONV_BN_PATTERN_NEEDS, and the matcher pairs nodes of equal targets: a graph
+    without both matches none. For one, each annotator does here what it does when nothing
+    matches (dead code removed, no partitions); otherwise its own work.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
+
+    originals = {name: OP_TO_ANNOTATOR[name] for name in CONV_BN_PATTERN_NEEDS}
+
+    def guarded(name):
+        def annotate(gm, quantization_config, filter_fn=None):
+            targets = {node.target for node in gm.graph.nodes if node.op == "call_function"}
+            if torch.ops.aten.batch_norm.default in targets and targets & set(CONV_BN_PATTERN_NEEDS[name]):
+                return originals[name](gm, quantization_config, filter_fn)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            return []
+        return annotate
+
+    OP_TO_ANNOTATOR.update({name: guarded(name) for name in originals})
+    try:
+        yield
+    finally:
+        OP_TO_ANNOTATOR.update(originals)
+
+
 FILE_BACKED_MIN_BYTES = 1 << 20  # smaller constants stay in memory: a file each would cost more
 
 
