@@ -196,3 +196,33 @@ def test_streaming_pitch_end_to_end_onnx(tmp_path):
     assert stream["stateless_baseline"]["max_abs"] > 100 * stream["max_abs"]
     state = json.loads((tmp_path / "run" / "artifacts" / "pitch" / "state.json").read_text())
     assert [s["input"] for s in state] == [f"state_in_convs_{i}_cache" for i in range(5)]
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self, inplace_relu: bool, update: bool):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(3))
+        self.fc, self.relu, self.update = torch.nn.Linear(3, 3), torch.nn.ReLU(inplace=inplace_relu), update
+
+    def forward(self, x):
+        if self.update:
+            self.seen.add_(x.sum(0))
+        return self.relu(self.fc(x) + self.seen)
+
+
+@pytest.mark.parametrize("inplace_relu, update, functionalized, found", [
+    (False, False, False, []), (True, False, True, []), (False, True, True, ["seen"])])
+def test_mutated_buffers_functionalizes_only_a_graph_that_can_write(monkeypatch, inplace_relu, update,
+                                                                    functionalized, found):
+    """The buffers a forward updates are found (an in-place add on one), an in-place ReLU on an
+    activation is none of them, and a graph with no writing operator skips the decomposition."""
+    from stages.support.state_io import mutated_buffers
+
+    program = torch.export.export(_Counter(inplace_relu, update).eval(), (torch.randn(2, 3),), strict=False)
+    calls = []
+    decompose = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: calls.append(1) or decompose(self, *a, **k))
+    assert mutated_buffers(program) == found
+    assert bool(calls) == functionalized
+    assert mutated_buffers(program.run_decompositions({})) == found  # a functional graph: its signature
