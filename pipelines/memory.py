@@ -73,9 +73,14 @@ def available_mb() -> int | None:
 def sweep_jobs(checkpoint: str | os.PathLike) -> int:
     """How many sweep jobs run at once: as many as the cores, but no more than fit in free memory
     by job_estimate_mb (one at a time when even one barely fits: it gets the whole machine)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     free = available_mb()
     return cores if free is None else max(1, min(cores, free // job_estimate_mb(checkpoint)))
+
+
+def usable_cores() -> int:
+    """The processors this process may run on (its affinity: a Slurm allocation, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def job_memory_gb(checkpoint: str | os.PathLike) -> int:

@@ -9,6 +9,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+from .memory import usable_cores
+
 TRACKED_PACKAGES = ("torch", "torchao", "executorch", "onnx", "onnxruntime", "onnxscript", "numpy")
 
 
@@ -84,7 +86,7 @@ def host_cpu() -> dict[str, object]:
     except OSError:
         pass
     return {"machine": platform.machine(), "model": model or platform.processor() or "unknown",
-            "cores": _cores(),
+            "cores": usable_cores(),
             **{name: any(f in flags for f in names) for name, names in CPU_FEATURES.items()}}
 
 
@@ -94,7 +96,3 @@ def host_isa() -> str:
     return {"AMD64": "x86_64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -275,3 +275,17 @@ def test_a_sweeps_process_keeps_the_server_its_forked_jobs_leased_until_it_ends(
     while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{server}"), "the server outlived the sweep"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_stage_computes_on_the_threads_its_job_may_use(monkeypatch, tmp_path, threads):
+    """A sweep job's OMP_NUM_THREADS (its share of the cores, hydra_plugins/local_launcher) is
+    what torch computes on in its stage processes: a variable read when libraries load, so the
+    server the job leases is one started with it."""
+    import torch
+
+    from pipelines import isolation
+
+    _fresh_server(monkeypatch, tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    assert isolation.call("probe", torch.get_num_threads)[0] == threads

@@ -1,6 +1,7 @@
 """Every onnxruntime session the pipeline opens, configured in one place."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..upstream.onnxruntime import unsafe_optimizers
@@ -14,7 +15,8 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
     numbers any runtime computing the graph exactly gives, as onnxruntime-web's wasm does),
     `level` a GraphOptimizationLevel name, `optimized` where to write the optimized graph (its
     weights to <optimized>.data when `external`), `profile` the prefix of onnxruntime's profiler
-    trace (per-node kernel times). `model`: a path or a ModelProto."""
+    trace (per-node kernel times). `model`: a path or a ModelProto. Without `threads`, the run's
+    OMP_NUM_THREADS where set (a sweep job's share of the cores), else onnxruntime's default."""
     import onnx
     import onnxruntime as ort
 
@@ -25,6 +27,7 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
     source = str(model) if isinstance(model, (str, Path)) else proto.SerializeToString()
     del proto  # a graph's inline weights, held once: by the session, not also by this copy
     options = ort.SessionOptions()
+    threads = threads or _run_threads()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if as_written:
@@ -46,3 +49,9 @@ def session(model, threads: int | None = None, as_written: bool = False, level: 
         options.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)
+
+
+def _run_threads() -> int:
+    """OMP_NUM_THREADS's count (its outermost level), 0 when it is unset or no number."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() else 0
