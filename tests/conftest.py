@@ -13,10 +13,11 @@ from omegaconf import DictConfig
 from hydra_plugins.local_launcher import threads_per_job
 from pipelines.schema import register
 
-# each test worker computes on its share of the cores, as each job of a sweep does (set before
-# torch or the suite's stage server loads): two workers of two threads on two cores spin-wait on
-# each other's, and a sweep a test runs then shares the suite's server (the same variables)
-os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+# each xdist worker computes on its share of the cores, as each job of a sweep does (set before
+# torch or the suite's stage server loads; in the workers only, which would otherwise inherit the
+# controller's): two workers of two threads on two cores spin-wait on each other's
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CONF = Path(__file__).resolve().parent / "conf"
