@@ -83,6 +83,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_job(n_jobs: int) -> int:
+    """The threads each of n_jobs jobs at once may compute on: this process's cores, shared."""
+    return max(1, usable_cores() // n_jobs)
+
+
 def job_memory_gb(checkpoint: str | os.PathLike) -> int:
     """A cluster job's memory request: the estimate rounded up to whole GB, with 25% headroom."""
     return -(-job_estimate_mb(checkpoint) * 5 // 4 // 1024)

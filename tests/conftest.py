@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from hydra_plugins.local_launcher import threads_per_job
+from pipelines.memory import threads_per_job
 from pipelines.schema import register
 
 # each xdist worker computes on its share of the cores, as each job of a sweep does (set before

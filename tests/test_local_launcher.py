@@ -34,8 +34,7 @@ def test_jobs_run_in_forked_processes_in_order_and_a_dead_one_is_a_failed_cell(m
 def test_each_job_computes_on_its_share_of_the_cores_unless_the_user_set_it(monkeypatch, tmp_path):
     """Two jobs at once on this machine's cores: each gets cores // 2 threads (OMP_NUM_THREADS,
     which the stage server and onnxruntime's sessions follow); a value the user set stays."""
-    from hydra_plugins.local_launcher import threads_per_job
-    from pipelines.memory import usable_cores
+    from pipelines.memory import threads_per_job, usable_cores
 
     def run(self, index, overrides):
         done = JobReturn()

@@ -94,6 +94,8 @@ class LocalLauncher(Launcher):
         os.close(handle)
         pid = os.fork()
         if pid == 0:
+            from pipelines.memory import threads_per_job
+
             os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(self.n_jobs)))
             code = 0
             try:
@@ -123,13 +125,6 @@ class LocalLauncher(Launcher):
         HydraConfig.instance().set_config(config)
         return run_job(hydra_context=self.hydra_context, config=config, task_function=self.task_function,
                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-
-
-def threads_per_job(n_jobs: int) -> int:
-    """The threads each of n_jobs jobs at once may compute on: this process's cores, shared."""
-    from pipelines.memory import usable_cores
-
-    return max(1, usable_cores() // n_jobs)
 
 
 def _result(path: str, status: int, index: int, config: DictConfig) -> JobReturn:
